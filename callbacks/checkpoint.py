@@ -1,0 +1,32 @@
+"""Best-metric checkpointing that follows the task's monitored metric by default."""
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class TaskCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` (best + `last.ckpt`) whose `monitor` defaults to the task's metric.
+
+    With `monitor=None` it tracks `val/<task.monitor>` in the task's mode (e.g. `val/accuracy`, max;
+    `val/pearson` for regression). Every other argument is ModelCheckpoint's.
+    """
+
+    def __init__(self, monitor: str | None = None, mode: str | None = None, save_last: bool = True,
+                 save_top_k: int = 1, filename: str | None = "best-epoch={epoch}-step={step}",
+                 auto_insert_metric_name: bool = False, **kwargs: Any) -> None:
+        self._follow_task = monitor is None
+        super().__init__(monitor=monitor, mode=mode or "min", save_last=save_last, save_top_k=save_top_k,
+                         filename=filename, auto_insert_metric_name=auto_insert_metric_name, **kwargs)
+        if mode is None and not self._follow_task:
+            raise ValueError(f"checkpoint.mode ('max' or 'min') is needed with checkpoint.monitor='{monitor}'.")
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Resolved here, before checkpoint restore: `state_key` (under which this callback's state is
+        # saved) includes the monitor, so it must be final before a resume reads it.
+        if self._follow_task and pl_module.configure_task():
+            task = pl_module.task
+            self.monitor = f"val/{task.monitor}"
+            self._ModelCheckpoint__init_monitor_mode(task.monitor_mode)
+        super().setup(trainer, pl_module, stage)

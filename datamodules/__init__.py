@@ -1,0 +1,3 @@
+from datamodules.text_classification import TextClassificationDataModule
+
+__all__ = ["TextClassificationDataModule"]

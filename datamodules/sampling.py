@@ -1,0 +1,104 @@
+"""Samplers and a resumable DataLoader shared by every DataModule.
+
+Both samplers subclass `DistributedSampler`, so Lightning keeps them under DDP instead of replacing
+them, and each one splits the data between processes itself.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+class LengthGroupedSampler(DistributedSampler):
+    """Training order with batches of similar length, reshuffled every epoch, split across processes.
+
+    Each epoch (seeded by `seed + epoch`): shuffle all rows, cut them into mega-batches of
+    `group_batches` global batches, sort each mega-batch by length, cut it into global batches
+    (`batch_size * num_replicas` rows), shuffle the order of all global batches, and give rank r the
+    rows r, r + R, ... of every global batch (similar lengths on every rank). Like DistributedSampler
+    (drop_last=False), the index list is padded by repeating rows so every rank gets as many rows.
+
+    `resume(epoch, batches_done)` skips the batches a checkpoint already trained on, once.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 42, group_batches: int = 64) -> None:
+        super().__init__(range(len(lengths)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size = batch_size
+        self.group_batches = group_batches
+        self._skip_batches = 0
+
+    def _global_order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        n, world = len(self.lengths), self.num_replicas
+        perm = torch.randperm(n, generator=g)
+        if self.total_size > n:  # pad so every rank gets num_samples rows
+            perm = torch.cat([perm, perm[: self.total_size - n]])
+        global_bs = self.batch_size * world
+        mega = global_bs * self.group_batches
+        batches = []
+        for start in range(0, len(perm), mega):
+            chunk = perm[start:start + mega]
+            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches.extend(chunk[i:i + global_bs] for i in range(0, len(chunk), global_bs))
+        # Only the last mega-batch can end in a partial global batch; it holds a multiple of `world`
+        # rows (the list is padded) and goes last, so every rank's rows cut into whole batches.
+        partial = [batches.pop()] if len(batches[-1]) < global_bs else []
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return [int(i) for b in [batches[j] for j in order] + partial for i in b[self.rank::world]]
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self._global_order()
+        assert len(indices) == self.num_samples
+        skip = self._skip_batches * self.batch_size
+        self._skip_batches = 0
+        return iter(indices[skip:])
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        batches_per_epoch = math.ceil(self.num_samples / self.batch_size)
+        if batches_done >= batches_per_epoch:  # the checkpoint closed the epoch
+            epoch, batches_done = epoch + 1, 0
+        self.set_epoch(epoch)
+        self._skip_batches = batches_done
+
+
+class EvalSampler(DistributedSampler):
+    """Evaluation order without duplicates: rows sorted by length, rank r takes rows r, r + R, ...
+
+    DistributedSampler would repeat rows to even out the ranks, which changes metrics; here ranks
+    may differ by one row, and torchmetrics gathers the uneven states exactly.
+    """
+
+    def __init__(self, lengths: Sequence[int], num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(len(lengths)), num_replicas=num_replicas, rank=rank, shuffle=False)
+        order = torch.argsort(torch.as_tensor(lengths), descending=True, stable=True).tolist()
+        self.indices = order[rank::num_replicas]
+        self.num_samples = len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in the epoch goes into Lightning checkpoints.
+
+    `batches_done` returns how many batches of the current epoch training has consumed (from the
+    trainer's progress counters, not from this loader, which Lightning reads one batch ahead).
+    """
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.sampler.epoch), "batches_done": int(self.batches_done()) if self.batches_done else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume(state["epoch"], state["batches_done"])

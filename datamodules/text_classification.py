@@ -1,0 +1,375 @@
+"""Text classification data: single texts or pairs with a label (class name, class id or float)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from datasets import ClassLabel, Dataset
+from datasets.fingerprint import Hasher
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from datamodules.loading import DataError, check_columns, load_hub_dataset, load_local_split
+from datamodules.sampling import EvalSampler, LengthGroupedSampler, ResumableDataLoader
+from lightning_modules.backbones import load_tokenizer
+
+ENCODE_VERSION = 1  # bump when `encode` changes, to invalidate cached tokenizations
+ENCODE_CALLS = 0  # batches tokenized in this process (tests read it to see cache hits)
+_SPLITS = ("train", "validation", "test")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    content = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    return Hasher.hash([type(tokenizer).__name__, content])
+
+
+def encode(batch: dict[str, list], indices: list[int], tokenizer, text_column: str, text_pair_column: str | None,
+           label_column: str | None, label_to_id: dict | None, regression: bool, max_length: int, split: str) -> dict:
+    """Tokenize a batch of rows; rows longer than max_length are truncated and their full length kept."""
+    global ENCODE_CALLS
+    ENCODE_CALLS += 1
+    texts = batch[text_column]
+    pairs = batch[text_pair_column] if text_pair_column else None
+    for col, values in ((text_column, texts), (text_pair_column, pairs)):
+        for i, t in enumerate(values or []):
+            if not isinstance(t, str):
+                raise DataError(f"{split} row {indices[i]}: column '{col}' holds {t!r}, not text.")
+    enc = tokenizer(texts, pairs, truncation=False, verbose=False)
+    ids, types = enc["input_ids"], enc.get("token_type_ids")
+    num_tokens = [len(x) for x in ids]
+    long = [i for i, n in enumerate(num_tokens) if n > max_length]
+    if long:  # only the long rows are tokenized twice; the others are already what truncation gives
+        cut = tokenizer([texts[i] for i in long], [pairs[i] for i in long] if pairs else None,
+                        truncation=True, max_length=max_length)
+        for j, i in enumerate(long):
+            ids[i] = cut["input_ids"][j]
+            if types is not None:
+                types[i] = cut["token_type_ids"][j]
+    out: dict[str, Any] = {"input_ids": ids, "length": [len(x) for x in ids], "num_tokens": num_tokens, "index": indices}
+    if types is not None:
+        out["token_type_ids"] = types
+    if label_column is not None:
+        raw = batch[label_column]
+        if regression:
+            out["labels"] = [float(v) for v in raw]
+        else:
+            out["labels"] = []
+            for i, v in enumerate(raw):
+                if v not in label_to_id:
+                    raise DataError(f"{split} row {indices[i]}: label {v!r} is not in the label set {list(label_to_id)}.")
+                out["labels"].append(label_to_id[v])
+    return out
+
+
+class Collator:
+    """Dynamic padding: pad each batch to its own longest row."""
+
+    def __init__(self, pad_id: int, regression: bool, keep_text: dict[str, str] | None = None) -> None:
+        self.pad_id, self.regression, self.keep_text = pad_id, regression, keep_text or {}  # batch key -> column
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        B, T = len(rows), max(r["length"] for r in rows)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        has_types = "token_type_ids" in rows[0]
+        token_type_ids = torch.zeros((B, T), dtype=torch.long) if has_types else None
+        for i, r in enumerate(rows):
+            n = r["length"]
+            input_ids[i, :n] = torch.tensor(r["input_ids"])
+            attention_mask[i, :n] = 1
+            if has_types:
+                token_type_ids[i, :n] = torch.tensor(r["token_type_ids"])
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
+                                 "index": torch.tensor([r["index"] for r in rows])}
+        if has_types:
+            batch["token_type_ids"] = token_type_ids
+        if "labels" in rows[0]:
+            batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.float if self.regression else torch.long)
+        for key, column in self.keep_text.items():
+            batch[key] = [r[column] for r in rows]
+        return batch
+
+
+class TextClassificationDataModule(L.LightningDataModule):
+    """Single-text or text-pair classification (or regression) data from the hub or local files.
+
+    Args:
+        tokenizer: backbone name or folder whose tokenizer is used (the CLI links it to model.backbone).
+        dataset: hub dataset name (e.g. `glue`); ignored for splits given in `data_files`.
+        dataset_config: hub dataset config (e.g. `sst2`).
+        data_files: local files per split, e.g. `{train: a.tsv, validation: b.tsv}`; csv, tsv, jsonl,
+            json or parquet, chosen by extension.
+        text_column: column with the (first) text.
+        text_pair_column: column with the second text of a pair (GLUE-style), or None.
+        label_column: column with the label: class names, class ids, or floats (regression).
+        label_names: the label set in id order. Default: ClassLabel names, else the sorted distinct
+            labels of the training split.
+        num_labels: expected number of labels; an error if the data disagrees.
+        regression: force regression (True) or classification (False); default: float labels regress.
+        max_length: longest tokenized input; longer ones are truncated, counted and reported.
+        batch_size: training batch size per process.
+        eval_batch_size: evaluation/predict batch size (default: 2 x batch_size).
+        group_by_length: batch rows of similar length together (less padding), reshuffled each epoch.
+        length_group_batches: batches per length-sorted mega-batch when grouping by length.
+        validation_fraction: share of train held out as validation when there is no validation split.
+        seed: seed of the validation carve-out and of the training order.
+        max_train_samples: use only the first N training rows (benchmarks, quick runs).
+        predict_file: file of inputs for `finetune predict` (.txt = one text per line, or csv/tsv/jsonl).
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "minilm",
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        data_files: dict[str, str] | None = None,
+        text_column: str = "text",
+        text_pair_column: str | None = None,
+        label_column: str = "label",
+        label_names: list[str] | None = None,
+        num_labels: int | None = None,
+        regression: bool | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        group_by_length: bool = True,
+        length_group_batches: int = 64,
+        validation_fraction: float = 0.1,
+        seed: int = 42,
+        max_train_samples: int | None = None,
+        predict_file: str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if dataset is None and not data_files and predict_file is None:
+            raise DataError("Give data.dataset (a hub name) or data.data_files (local files per split).")
+        bad = set(data_files or {}) - set(_SPLITS)
+        if bad:
+            raise DataError(f"data.data_files has unknown split(s) {sorted(bad)}; use {list(_SPLITS)}.")
+        if max_length < 2 or batch_size < 1 or length_group_batches < 1:
+            raise DataError("data.max_length must be >= 2, data.batch_size and data.length_group_batches >= 1.")
+        if not 0 < validation_fraction < 1:
+            raise DataError(f"data.validation_fraction must be in (0, 1), got {validation_fraction}.")
+        if num_labels is not None and label_names is not None and num_labels != len(label_names):
+            raise DataError(f"data.num_labels={num_labels} but data.label_names has {len(label_names)} names.")
+        self.save_hyperparameters()
+        self.data_info: dict[str, Any] | None = None
+        self._tokenizer = None
+        self._raw: dict[str, Dataset] | None = None
+        self._encoded: dict[str, Dataset] = {}
+        self._label_to_id: dict | None = None
+        self._reported: set[str] = set()
+        self.truncated: dict[str, int] = {}  # split -> examples cut by max_length
+
+    # ------------------------------------------------------------------ loading
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+        return self._tokenizer
+
+    def _raw_splits(self) -> dict[str, Dataset]:
+        if self._raw is not None:
+            return self._raw
+        hp = self.hparams
+        files = dict(hp.data_files or {})
+        splits: dict[str, Dataset] = {}
+        if hp.dataset is not None and set(_SPLITS) - set(files):
+            hub = load_hub_dataset(hp.dataset, hp.dataset_config)
+            splits.update({s: hub[s] for s in _SPLITS if s in hub and s not in files})
+        for split, path in files.items():
+            splits[split] = load_local_split(path, split)
+        for split, ds in splits.items():
+            if len(ds) == 0:
+                raise DataError(f"The {split} split has no rows.")
+        if "train" in splits and hp.max_train_samples is not None:
+            splits["train"] = splits["train"].select(range(min(hp.max_train_samples, len(splits["train"]))))
+        if "train" in splits and "validation" not in splits:
+            carved = splits["train"].train_test_split(test_size=hp.validation_fraction, seed=hp.seed)
+            splits["train"], splits["validation"] = carved["train"], carved["test"]
+            rank_zero_info(f"No validation split: held out {len(carved['test'])} of the training rows (seed {hp.seed}).")
+        for split, ds in splits.items():
+            check_columns(ds, split, {"text_column": hp.text_column, "text_pair_column": hp.text_pair_column,
+                                      "label_column": hp.label_column})
+        self._raw = splits
+        return splits
+
+    def _labels_from_train(self, train: Dataset) -> None:
+        hp = self.hparams
+        feature = train.features[hp.label_column]
+        dtype = "class" if isinstance(feature, ClassLabel) else getattr(feature, "dtype", "unknown")
+        kind = ("class" if dtype == "class" else "str" if dtype in ("string", "large_string")
+                else "int" if "int" in dtype or dtype == "bool" else "float" if "float" in dtype else None)
+        if kind is None:
+            raise DataError(f"label_column '{hp.label_column}' has type {feature}; expected class names, ids or floats.")
+        regression = hp.regression if hp.regression is not None else kind == "float"
+        values = train.unique(hp.label_column)
+        if regression:
+            if kind == "str":
+                raise DataError(f"data.regression is true but label_column '{hp.label_column}' holds text labels.")
+            self._label_to_id = None
+            self.data_info = {"problem_type": "regression", "label_names": []}
+            return
+        if kind == "float":
+            if any(float(v) != int(v) for v in values):
+                raise DataError(f"label_column '{hp.label_column}' holds non-integer floats; set data.regression: true "
+                                "for regression, or give class names or ids.")
+            values = sorted({int(v) for v in values})
+            kind = "int"
+        names = list(hp.label_names) if hp.label_names is not None else None
+        if kind == "str":
+            names = names or sorted(values)
+            label_to_id = {n: i for i, n in enumerate(names)}
+            unknown = sorted(set(values) - set(label_to_id))
+            if unknown:
+                raise DataError(f"train split has labels {unknown[:10]} that are not in data.label_names {names}.")
+        else:
+            if kind == "class":
+                names = names or list(feature.names)
+                ids = list(range(len(names)))
+            elif names is not None:
+                ids = list(range(len(names)))
+            else:
+                ids = sorted(values)
+                names = [str(v) for v in ids]
+            label_to_id = {v: i for i, v in enumerate(ids)}
+            out_of_range = sorted(set(values) - set(label_to_id))
+            if out_of_range:
+                raise DataError(f"train split has label ids {out_of_range[:10]} outside 0..{len(names) - 1} "
+                                f"(label names {names}); fix the data or data.label_names.")
+        if hp.num_labels is not None and hp.num_labels != len(names):
+            raise DataError(f"data.num_labels={hp.num_labels}, but the training split has {len(names)} labels {names}.")
+        self._label_to_id = label_to_id
+        self.data_info = {"problem_type": "single_label_classification", "label_names": names}
+
+    def _check_split_labels(self, split: str, ds: Dataset) -> None:
+        if self._label_to_id is None:
+            return
+        unknown = [v for v in ds.unique(self.hparams.label_column) if v not in self._label_to_id]
+        if unknown:
+            if split == "test" and set(unknown) == {-1}:
+                raise DataError("The test split has no labels (label -1, as in GLUE's hidden test sets); "
+                                "evaluate on validation, or give a labelled test file in data.data_files.test.")
+            raise DataError(f"The {split} split has label(s) {sorted(unknown, key=str)[:10]} that the training split never "
+                            f"uses (training labels: {list(self._label_to_id)}). Fix the {split} data, or pass "
+                            "data.label_names with the full label set.")
+
+    def _encode_split(self, split: str, ds: Dataset, with_labels: bool = True, keep: tuple[str, ...] = ()) -> Dataset:
+        hp = self.hparams
+        label_column = hp.label_column if with_labels else None
+        regression = self.data_info is not None and self.data_info["problem_type"] == "regression"
+        label_map = sorted(self._label_to_id.items(), key=str) if self._label_to_id else None
+        fingerprint = Hasher.hash([ds._fingerprint, tokenizer_fingerprint(self.tokenizer), hp.max_length, hp.text_column,
+                                   hp.text_pair_column, label_column, label_map, regression, keep, ENCODE_VERSION])
+        remove = [c for c in ds.column_names if c not in keep]
+        encoded = ds.map(
+            encode, batched=True, with_indices=True, remove_columns=remove, new_fingerprint=fingerprint,
+            desc=f"Tokenizing {split}",
+            fn_kwargs=dict(tokenizer=self.tokenizer, text_column=hp.text_column, text_pair_column=hp.text_pair_column,
+                           label_column=label_column, label_to_id=self._label_to_id, regression=regression,
+                           max_length=hp.max_length, split=split),
+        )
+        if split not in self._reported:  # truncation is never silent: counted and reported once per split
+            self._reported.add(split)
+            n_tokens = encoded["num_tokens"]
+            cut = [n for n in n_tokens if n > hp.max_length]
+            if cut:
+                rank_zero_info(f"{split}: {len(cut)} of {len(n_tokens)} examples are longer than max_length="
+                               f"{hp.max_length} tokens and were truncated (longest: {max(cut)} tokens).")
+            self.truncated[split] = len(cut)
+        return encoded
+
+    def _prepare(self, stage: str | None) -> None:
+        hp = self.hparams
+        if stage == "predict" and not hp.predict_file:
+            raise DataError("finetune predict needs data.predict_file (a .txt with one text per line, or csv/tsv/jsonl).")
+        needed = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"], "predict": []}.get(
+            stage or "fit", ["train", "validation"])
+        raw = self._raw_splits() if (hp.dataset or hp.data_files) else {}
+        if "train" in raw and self.data_info is None:
+            self._labels_from_train(raw["train"])
+        for split in needed:
+            if split not in raw:
+                raise DataError(f"Stage '{stage}' needs a {split} split: add data.data_files.{split} "
+                                f"(available: {sorted(raw) or 'none'}).")
+            if split not in self._encoded:
+                if self.data_info is None:
+                    raise DataError(f"The label set comes from the train split; give data.data_files.train too.")
+                self._check_split_labels(split, raw[split])
+                self._encoded[split] = self._encode_split(split, raw[split])
+        if stage == "predict" and "predict" not in self._encoded:
+            self._encoded["predict"] = self._encode_split("predict", self._load_predict(), with_labels=False,
+                                                          keep=tuple(self._text_keys().values()))
+
+    def _text_keys(self) -> dict[str, str]:
+        keys = {"text": self.hparams.text_column}
+        if self.hparams.text_pair_column:
+            keys["text_pair"] = self.hparams.text_pair_column
+        return keys
+
+    def _load_predict(self) -> Dataset:
+        path = self.hparams.predict_file
+        if path.endswith(".txt"):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"data.predict_file: file '{path}' does not exist.")
+            with open(path, encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f if line.strip()]
+            if not lines:
+                raise DataError(f"data.predict_file '{path}' has no non-empty lines.")
+            return Dataset.from_dict({self.hparams.text_column: lines})
+        ds = load_local_split(path, "predict")
+        check_columns(ds, "predict", {"text_column": self.hparams.text_column,
+                                      "text_pair_column": self.hparams.text_pair_column})
+        return ds
+
+    def prepare_data(self) -> None:
+        # Rank 0 only: warms the datasets cache (download, parsing, tokenization) before setup runs everywhere.
+        if self.hparams.dataset or self.hparams.data_files:
+            self._prepare(None)
+
+    def setup(self, stage: str | None = None) -> None:
+        self._prepare(stage)
+
+    # ------------------------------------------------------------------ loaders
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _collator(self, keep: dict[str, str] | None = None) -> Collator:
+        regression = self.data_info is not None and self.data_info["problem_type"] == "regression"
+        return Collator(self.tokenizer.pad_token_id or 0, regression, keep)
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        ds = self._encoded["train"]
+        world, rank = self._world()
+        sampler = LengthGroupedSampler(ds["length"], hp.batch_size, world, rank, seed=hp.seed,
+                                       group_batches=hp.length_group_batches if hp.group_by_length else 1)
+        trainer = self.trainer
+
+        def batches_done() -> int:
+            return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+
+        return ResumableDataLoader(ds, batch_size=hp.batch_size, sampler=sampler, collate_fn=self._collator(),
+                                   num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+                                   batches_done=batches_done)
+
+    def _eval_loader(self, split: str, keep: dict[str, str] | None = None) -> DataLoader:
+        ds = self._encoded[split]
+        world, rank = self._world()
+        return DataLoader(ds, batch_size=self.hparams.eval_batch_size or 2 * self.hparams.batch_size,
+                          sampler=EvalSampler(ds["length"], world, rank), collate_fn=self._collator(keep),
+                          num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict", keep=self._text_keys())

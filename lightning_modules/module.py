@@ -1,0 +1,279 @@
+"""`TaskModule`: the one LightningModule. It composes an injected Task with an ordered list of Regimes.
+
+The module never changes for a new task or regime: tasks decide what is predicted, regimes how it is
+trained, and both reach the loop only through the hooks of `Task` and `Regime`.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Literal, Mapping
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric, MinMetric
+
+from lightning_modules.backbones import Backbone
+from lightning_modules.regime import Regime
+from lightning_modules.task import Batch, StepOutput, Task
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d)
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Rows in a batch: dim 0 of its first tensor."""
+    for v in batch.values():
+        if isinstance(v, Tensor):
+            return int(v.shape[0])
+    raise ValueError(f"batch has no tensor among its keys {list(batch)}")
+
+
+def no_decay_parameter_names(model: nn.Module) -> set[str]:
+    """Biases and normalisation weights: excluded from weight decay (as in BERT and the HF Trainer)."""
+    names = set()
+    for mod_name, mod in model.named_modules():
+        is_norm = isinstance(mod, _NORM_TYPES) or "norm" in type(mod).__name__.lower()
+        for p_name, _ in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if is_norm or p_name.endswith("bias"):
+                names.add(full)
+    return names
+
+
+def rng_states() -> dict[str, Any]:
+    # Only tensors and plain Python values: checkpoints must load with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TaskModule(L.LightningModule):
+    """Fine-tune a backbone on a Task under a list of Regimes.
+
+    Args:
+        task: what is predicted (e.g. `lightning_modules.tasks.SequenceClassification`).
+        backbone: hub name, local model folder, or `minilm` (the offline all-MiniLM-L6-v2).
+        backbone_config: build a randomly initialised model from this config dict instead of loading
+            weights (the tokenizer still comes from `backbone`).
+        regimes: training regimes, applied in order (first = outermost). `[]` is full fine-tuning.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay; never applied to biases and normalisation weights.
+        warmup: linear warmup, as a fraction of all optimizer steps (< 1) or a number of steps (>= 1).
+        lr_schedule: shape of the learning rate after warmup.
+        adam_betas: AdamW betas.
+        adam_eps: AdamW epsilon.
+        fused: use the fused AdamW kernel (fastest on CPU and CUDA).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        backbone: str = "minilm",
+        backbone_config: dict[str, Any] | None = None,
+        regimes: list[Regime] | None = None,
+        lr: float = 5e-5,
+        weight_decay: float = 0.0,
+        warmup: float = 0.0,
+        lr_schedule: Literal["linear", "cosine", "constant"] = "linear",
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}")
+        if warmup < 0:
+            raise ValueError(f"model.warmup must be >= 0 (a fraction < 1 or a number of steps), got {warmup}")
+        if not isinstance(task, Task):
+            raise TypeError(f"model.task must be a Task, got {type(task).__name__}")
+        regimes = list(regimes or [])
+        for r in regimes:
+            if not isinstance(r, Regime):
+                raise TypeError(f"model.regimes must hold Regime objects, got {type(r).__name__}")
+        self.save_hyperparameters()
+        # Under LightningCLI hparams hold class_path dicts (so load_from_checkpoint rebuilds the task);
+        # built in Python they hold objects, which do not belong in a checkpoint.
+        if not isinstance(self.hparams.get("task"), dict):
+            self.hparams.pop("task", None)
+        if any(not isinstance(r, dict) for r in self.hparams.get("regimes") or []):
+            self.hparams.pop("regimes", None)
+        self.task = task
+        self.regimes = regimes
+        self.backbone = Backbone(backbone, backbone_config)
+        self.model: nn.Module | None = None
+        self.data_info: dict[str, Any] | None = None
+        self._loss_fn = None
+
+    # ---------------------------------------------------------------- building
+    def _datamodule_info(self) -> Mapping[str, Any] | None:
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return getattr(dm, "data_info", None)
+
+    def configure_task(self, info: Mapping[str, Any] | None = None) -> bool:
+        """Give the task what the data says (labels...). Returns False while nothing is known yet."""
+        info = info if info is not None else (self.data_info or self._datamodule_info())
+        if info is None:
+            return False
+        self.task.configure(info)
+        return True
+
+    def configure_model(self) -> None:
+        # Built lazily: the head depends on the data (label names), known once the DataModule is set up.
+        # Without it (e.g. predict from a checkpoint) the model is built in on_load_checkpoint instead.
+        if self.model is None and (info := self._datamodule_info()) is not None:
+            self.build(info)
+
+    def build(self, info: Mapping[str, Any]) -> None:
+        self.data_info = dict(info)
+        self.configure_task(self.data_info)
+        model = self.task.build_model(self.backbone, self.data_info)
+        model.train()  # from_pretrained returns eval mode; Lightning keeps the modes it finds
+        for regime in self.regimes:
+            model = regime.configure_model(model, self.task)
+        self.model = model
+        self.val_metrics = self.task.metrics().clone(prefix="val/")
+        self.test_metrics = self.task.metrics().clone(prefix="test/")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.val_best = MaxMetric() if self.task.monitor_mode == "max" else MinMetric()
+        self.val_best.persistent(True)  # best-so-far survives a resume
+        loss_fn = self.base_loss
+        for regime in reversed(self.regimes):  # first regime = outermost wrapper
+            loss_fn = regime.wrap_loss(loss_fn, self)
+        self._loss_fn = loss_fn
+
+    def _require_model(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError(
+                "The model is not built yet: it needs the data's label information. Use it through a Trainer "
+                "with a DataModule, load a checkpoint, or call module.build(datamodule.data_info)."
+            )
+        return self.model
+
+    # ---------------------------------------------------------------- steps
+    def base_loss(self, batch: Batch) -> StepOutput:
+        outputs = self.task.forward(self._require_model(), batch)
+        return StepOutput(loss=self.task.loss(outputs, batch), outputs=outputs)
+
+    def forward(self, batch: Batch) -> Any:
+        return self.task.forward(self._require_model(), batch)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        out = self._loss_fn(batch)
+        bs = batch_size_of(batch)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        for key, value in out.logs.items():
+            self.log(f"train/{key}", value, batch_size=bs)
+        return out.loss
+
+    def _eval_step(self, batch: Batch, metrics, loss_metric) -> None:
+        outputs = self.task.forward(self._require_model(), batch)
+        loss_metric.update(self.task.loss(outputs, batch), weight=batch_size_of(batch))
+        self.task.update_metrics(metrics, outputs, batch)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, self.val_loss)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, self.test_loss)
+
+    def _log_epoch(self, stage: str, metrics, loss_metric) -> dict[str, Tensor]:
+        # torchmetrics syncs states across processes in compute(): values are exact under DDP.
+        values = {k: v.float() for k, v in metrics.compute().items()}
+        values[f"{stage}/loss"] = loss_metric.compute()
+        metrics.reset()
+        loss_metric.reset()
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._log_epoch("val", self.val_metrics, self.val_loss)
+        if not self.trainer.sanity_checking:
+            self.val_best.update(values[f"val/{self.task.monitor}"])
+        values[f"val/{self.task.monitor}_best"] = self.val_best.compute() if self.val_best.update_count else values[f"val/{self.task.monitor}"]
+        self.log_dict(values, prog_bar=False, sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self._log_epoch("test", self.test_metrics, self.test_loss), sync_dist=True)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
+        return self.task.decode(self.task.forward(self._require_model(), batch), batch)
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        model = self._require_model()
+        no_decay = no_decay_parameter_names(model)
+        decay_params, no_decay_params = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay_params if name in no_decay else decay_params).append(p)
+        groups = [
+            {"params": decay_params, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay_params, "weight_decay": 0.0},
+        ]
+        for regime in self.regimes:
+            groups.extend(regime.parameter_groups(self))
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ValueError("No trainable parameters: every parameter is frozen by the regimes.")
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.hparams.lr, betas=tuple(self.hparams.adam_betas), eps=self.hparams.adam_eps,
+            fused=self.hparams.fused or None,
+        )
+        from transformers import get_scheduler
+
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = self.hparams.warmup
+        warmup_steps = math.ceil(warmup * total) if warmup < 1 else int(warmup)
+        scheduler = get_scheduler(
+            {"constant": "constant_with_warmup"}.get(self.hparams.lr_schedule, self.hparams.lr_schedule),
+            optimizer, num_warmup_steps=warmup_steps, num_training_steps=total,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        for regime in self.regimes:
+            regime.on_fit_start(self)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for regime in self.regimes:
+            regime.on_before_optimizer_step(self, optimizer)
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["data_info"] = self.data_info
+        checkpoint["rng_states"] = rng_states()  # an exact resume also needs dropout's random stream
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("data_info")
+        if self.model is None:
+            if saved is None:
+                raise RuntimeError("The checkpoint holds no data_info (label names); it was not written by finetune-lab.")
+            self.build(saved)
+        elif saved is not None and saved != self.data_info:
+            raise ValueError(
+                f"The checkpoint was trained with data {saved}, but the current data gives {self.data_info}. "
+                "Use the same label set (e.g. pass data.label_names) or a matching checkpoint."
+            )
+        if "rng_states" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            set_rng_states(checkpoint["rng_states"])
+
+    def regime_tags(self) -> list[str]:
+        return [r.tag() for r in self.regimes]

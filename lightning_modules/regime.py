@@ -1,0 +1,43 @@
+"""The Regime axis: *how* the model is trained. Every hook is a no-op, so `regimes: []` is full fine-tuning.
+
+Regimes compose in list order, first = outermost: `wrap_loss` is applied from the last regime to the
+first, so the first regime's wrapper sees the final loss function.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_modules.task import LossFn, Task
+
+if TYPE_CHECKING:
+    from lightning_modules.module import TaskModule
+
+
+class Regime:
+    """Base of all regimes. Override only the hooks you need."""
+
+    name: str | None = None  # used in run tags; defaults to the class name
+
+    def configure_model(self, model: nn.Module, task: Task) -> nn.Module:
+        """Change or wrap the model (peft, freezing, BitFit). Return the model to train."""
+        return model
+
+    def wrap_loss(self, loss_fn: LossFn, module: "TaskModule") -> LossFn:
+        """Wrap the training loss like middleware (adversarial, distillation, penalties)."""
+        return loss_fn
+
+    def parameter_groups(self, module: "TaskModule") -> list[dict[str, Any]]:
+        """Extra optimizer parameter groups owned by the regime (e.g. a learned projection)."""
+        return []
+
+    def on_fit_start(self, module: "TaskModule") -> None:
+        """Called once when fitting starts, on the right device."""
+
+    def on_before_optimizer_step(self, module: "TaskModule", optimizer: Optimizer) -> None:
+        """Called after gradients are ready and before each optimizer step."""
+
+    def tag(self) -> str:
+        return self.name or type(self).__name__.lower()

@@ -1,0 +1,75 @@
+"""The Task axis: *what* is predicted.
+
+A Task builds the HF model with its head, runs the forward pass, computes the loss, owns the metric
+definitions and decodes predictions. It never decides *how* the model is trained (that is a Regime).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from lightning_modules.backbones import Backbone
+
+Batch = Mapping[str, Any]  # tensors, plus pass-through lists (e.g. raw text) for decoding
+
+
+@dataclass
+class StepOutput:
+    """What one loss evaluation returns; regimes wrap functions that return this."""
+
+    loss: Tensor
+    outputs: Any = None  # the model's ModelOutput
+    logs: dict[str, Tensor] = field(default_factory=dict)  # extra scalars, logged as train/<key>
+
+
+LossFn = Callable[[Batch], StepOutput]
+
+
+class Task:
+    """Interface of a task. Subclasses implement every method that raises here.
+
+    Attributes:
+        peft_task_type: the `peft.TaskType` name for this task ("SEQ_CLS", "TOKEN_CLS", ...).
+        monitor: metric name (without the `val/` prefix) that checkpoints and `*_best` track.
+        monitor_mode: "max" or "min".
+    """
+
+    peft_task_type: str | None = None
+    monitor: str = "loss"
+    monitor_mode: str = "min"
+
+    def build_model(self, backbone: Backbone, data_info: Mapping[str, Any]) -> nn.Module:
+        """Build the HF model with this task's head. `data_info` comes from the DataModule (labels...)."""
+        raise NotImplementedError
+
+    def configure(self, data_info: Mapping[str, Any]) -> None:
+        """Adopt what the data says (label names, regression...); called before `build_model`."""
+
+    def model_inputs(self, batch: Batch) -> dict[str, Tensor]:
+        """The keyword arguments the model's forward takes from a batch."""
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> Any:
+        """Run the model. With `inputs_embeds` (B, T, H) given, it replaces the `input_ids` lookup."""
+        inputs = self.model_inputs(batch)
+        if inputs_embeds is not None:
+            inputs.pop("input_ids", None)
+            inputs["inputs_embeds"] = inputs_embeds
+        return model(**inputs)
+
+    def loss(self, outputs: Any, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def metrics(self) -> MetricCollection:
+        """A fresh collection of the task's metrics (one is made per stage)."""
+        raise NotImplementedError
+
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: Batch) -> None:
+        raise NotImplementedError
+
+    def decode(self, outputs: Any, batch: Batch) -> list[dict[str, Any]]:
+        """Turn model outputs into one JSON-serialisable record per example (for `finetune predict`)."""
+        raise NotImplementedError

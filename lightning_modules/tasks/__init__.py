@@ -1,0 +1,3 @@
+from lightning_modules.tasks.sequence_classification import SequenceClassification
+
+__all__ = ["SequenceClassification"]

@@ -1,0 +1,78 @@
+"""Tiny models, tokenizers and toy data built locally (no hub access)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+POSITIVE = ["good", "great", "lovely", "excellent", "fun", "superb", "wonderful", "pleasant"]
+NEGATIVE = ["bad", "awful", "boring", "terrible", "dull", "poor", "horrible", "weak"]
+FILLER = ["the", "movie", "was", "really", "plot", "acting", "a", "very", "and", "story", "film", "quite"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_tokenizer(folder: str, extra_words: list[str] = ()) -> str:
+    """A word-level WordPiece BERT tokenizer over the toy vocabulary (+ a few sub-word pieces)."""
+    from transformers import BertTokenizer  # transformers 5: the fast (tokenizers) implementation
+
+    os.makedirs(folder, exist_ok=True)
+    vocab = SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER + list(extra_words))) + ["##s", "##ly", "un", "##ing"]
+    vocab_file = os.path.join(folder, "vocab.txt")
+    with open(vocab_file, "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_bert_config(vocab_size: int = 64, **overrides) -> dict:
+    cfg = dict(model_type="bert", vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=64, max_position_embeddings=128, type_vocab_size=2)
+    cfg.update(overrides)
+    return cfg
+
+
+def write_tiny_model(folder: str, seed: int = 0, **overrides) -> str:
+    """Tokenizer + a randomly initialised 2-layer BERT saved with save_pretrained (a 'local backbone')."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    write_tokenizer(folder)
+    with open(os.path.join(folder, "vocab.txt")) as f:
+        vocab_size = len(f.read().split())
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(AutoConfig.for_model(**tiny_bert_config(vocab_size, **overrides)))
+    model.save_pretrained(folder)
+    return folder
+
+
+def toy_sentiment_rows(n: int, seed: int, labels=("negative", "positive"), pair: bool = False) -> list[dict]:
+    """Learnable toy rows: the label is decided by which sentiment word occurs."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        y = rng.randrange(2)
+        words = rng.sample(FILLER, rng.randint(2, 6)) + [rng.choice(POSITIVE if y else NEGATIVE)]
+        rng.shuffle(words)
+        row = {"text": " ".join(words), "label": labels[y]}
+        if pair:
+            row["text2"] = " ".join(rng.sample(FILLER, 3))
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path: str, rows: list[dict]) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def write_tsv(path: str, rows: list[dict], columns: list[str]) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\t".join(columns) + "\n")
+        for r in rows:
+            f.write("\t".join(str(r[c]) for c in columns) + "\n")
+    return path
