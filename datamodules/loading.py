@@ -33,6 +33,8 @@ def load_local_split(path: str, split: str) -> Dataset:
     try:
         ds = load_dataset(builder, data_files={split: os.path.abspath(path)}, split=split, **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
+        if "corresponds to no data" in str(e) or os.path.getsize(path) == 0:
+            raise DataError(f"data_files.{split}: '{path}' has no rows.") from e
         raise DataError(f"data_files.{split}: could not parse '{path}' as {ext[1:]}: {e}") from e
     if len(ds) == 0:
         raise DataError(f"data_files.{split}: '{path}' has no rows.")

@@ -172,29 +172,35 @@ class TextClassificationDataModule(L.LightningDataModule):
             self._tokenizer = load_tokenizer(self.hparams.tokenizer)
         return self._tokenizer
 
-    def _raw_splits(self) -> dict[str, Dataset]:
-        if self._raw is not None:
-            return self._raw
+    def _raw_splits(self, wanted: set[str]) -> dict[str, Dataset]:
+        """Parsed splits. Splits in data_files are read locally; the others come from the hub dataset,
+        which is asked only when one of them is wanted. Without any validation split, one is carved
+        from train (seeded)."""
         hp = self.hparams
         files = dict(hp.data_files or {})
-        splits: dict[str, Dataset] = {}
-        if hp.dataset is not None and set(_SPLITS) - set(files):
+        first = self._raw is None
+        splits = {} if first else self._raw
+        missing = (set(wanted) | ({"train", "validation"} if first else set())) - set(splits)
+        if not missing:
+            return splits
+        from_hub = missing - set(files)
+        if from_hub and hp.dataset is not None:
             hub = load_hub_dataset(hp.dataset, hp.dataset_config)
-            splits.update({s: hub[s] for s in _SPLITS if s in hub and s not in files})
-        for split, path in files.items():
-            splits[split] = load_local_split(path, split)
-        for split, ds in splits.items():
-            if len(ds) == 0:
+            splits.update({s: hub[s] for s in from_hub if s in hub})
+        for split in missing & set(files):
+            splits[split] = load_local_split(files[split], split)
+        for split in missing & set(splits):
+            if len(splits[split]) == 0:
                 raise DataError(f"The {split} split has no rows.")
-        if "train" in splits and hp.max_train_samples is not None:
-            splits["train"] = splits["train"].select(range(min(hp.max_train_samples, len(splits["train"]))))
-        if "train" in splits and "validation" not in splits:
-            carved = splits["train"].train_test_split(test_size=hp.validation_fraction, seed=hp.seed)
-            splits["train"], splits["validation"] = carved["train"], carved["test"]
-            rank_zero_info(f"No validation split: held out {len(carved['test'])} of the training rows (seed {hp.seed}).")
-        for split, ds in splits.items():
-            check_columns(ds, split, {"text_column": hp.text_column, "text_pair_column": hp.text_pair_column,
-                                      "label_column": hp.label_column})
+            check_columns(splits[split], split, {"text_column": hp.text_column, "text_pair_column": hp.text_pair_column,
+                                                 "label_column": hp.label_column})
+        if first and "train" in splits:
+            if hp.max_train_samples is not None:
+                splits["train"] = splits["train"].select(range(min(hp.max_train_samples, len(splits["train"]))))
+            if "validation" not in splits:
+                carved = splits["train"].train_test_split(test_size=hp.validation_fraction, seed=hp.seed)
+                splits["train"], splits["validation"] = carved["train"], carved["test"]
+                rank_zero_info(f"No validation split: held out {len(carved['test'])} training rows (seed {hp.seed}).")
         self._raw = splits
         return splits
 
@@ -289,7 +295,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             raise DataError("finetune predict needs data.predict_file (a .txt with one text per line, or csv/tsv/jsonl).")
         needed = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"], "predict": []}.get(
             stage or "fit", ["train", "validation"])
-        raw = self._raw_splits() if (hp.dataset or hp.data_files) else {}
+        raw = self._raw_splits(set(needed)) if (hp.dataset or hp.data_files) else {}
         if "train" in raw and self.data_info is None:
             self._labels_from_train(raw["train"])
         for split in needed:

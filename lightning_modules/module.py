@@ -203,6 +203,16 @@ class TaskModule(L.LightningModule):
         loss_metric.reset()
         return values
 
+    # States are re-created at each epoch start, under the grad mode of that loop: a state made under
+    # `trainer.validate`'s inference mode cannot be updated later in fit's no_grad validation.
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+        self.val_loss.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
+        self.test_loss.reset()
+
     def on_validation_epoch_end(self) -> None:
         values = self._log_epoch("val", self.val_metrics, self.val_loss)
         if not self.trainer.sanity_checking:
@@ -233,9 +243,12 @@ class TaskModule(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ValueError("No trainable parameters: every parameter is frozen by the regimes.")
+        # Lightning's mixed-precision plugin refuses gradient clipping with fused optimizers (it assumes
+        # they unscale gradients themselves), so the fused kernel is used with full precision only.
+        fused = self.hparams.fused and "mixed" not in str(self.trainer.precision)
         optimizer = torch.optim.AdamW(
             groups, lr=self.hparams.lr, betas=tuple(self.hparams.adam_betas), eps=self.hparams.adam_eps,
-            fused=self.hparams.fused or None,
+            fused=fused or None,
         )
         from transformers import get_scheduler
 
