@@ -63,10 +63,10 @@ def find_checkpoint(experiment_root: str, which: str) -> str:
                             "Pass the checkpoint file path instead.")
 
 
-def _short_name(class_path: Any) -> str:
-    if isinstance(class_path, dict):
-        class_path = class_path.get("class_path", "")
-    return str(class_path).rsplit(".", 1)[-1].lower()
+def _short_name(component: Any) -> str:
+    """'lightning_modules.tasks.SequenceClassification' (a config node or a string) -> 'sequenceclassification'."""
+    path = component.get("class_path", "") if isinstance(component, dict) else getattr(component, "class_path", component)
+    return str(path).rsplit(".", 1)[-1].lower()
 
 
 class FinetuneCLI(LightningCLI):
@@ -91,8 +91,11 @@ class FinetuneCLI(LightningCLI):
         if sub and cfg.get("ckpt_path") in ("last", "best"):
             cfg.ckpt_path = find_checkpoint(experiment_root, cfg.ckpt_path)
             print(f"Resolved --ckpt_path to {cfg.ckpt_path}", file=sys.stderr)
-        if cfg.trainer.enable_progress_bar is False and cfg.trainer.callbacks:
-            cfg.trainer.callbacks = [c for c in cfg.trainer.callbacks if "ProgressBar" not in str(c.get("class_path", ""))]
+        drop = (["ProgressBar"] if cfg.trainer.enable_progress_bar is False else []) + (
+            ["LearningRateMonitor"] if cfg.trainer.logger is False else [])  # both refuse to run otherwise
+        if drop and cfg.trainer.callbacks:
+            cfg.trainer.callbacks = [c for c in cfg.trainer.callbacks
+                                     if not any(d in str(c.get("class_path", "")) for d in drop)]
         run_dir = next_version_dir(experiment_root)
         self.run_dir = run_dir
         cfg.trainer.default_root_dir = run_dir

@@ -76,3 +76,33 @@ def write_tsv(path: str, rows: list[dict], columns: list[str]) -> str:
         for r in rows:
             f.write("\t".join(str(r[c]) for c in columns) + "\n")
     return path
+
+
+def read_wandb_records(path: str) -> list:
+    """Records of an offline `.wandb` file (LevelDB-log framing of wandb's protobuf `Record`s)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    block = 32768
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B", "not a .wandb file"
+    records, pos, pending = [], 7, b""
+    while pos + 7 <= len(data):
+        left_in_block = block - pos % block
+        if left_in_block < 7:  # block trailer too small for a header: skip it
+            pos += left_in_block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending += chunk
+        if kind in (1, 4):  # FULL or LAST
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+            pending = b""
+    return records
