@@ -14,23 +14,18 @@ def _plain(metrics) -> dict[str, float]:
 
 
 class RunSummary(L.Callback):
-    """Writes `<run dir>/final_metrics.json`, puts the final metrics in the W&B run summary (so an
+    """Writes `<run dir>/final_metrics.json` (fit; `metrics_validate.json` / `metrics_test.json` for
+    those commands), puts the final metrics in the W&B run summary (so an
     offline run synced later is complete) and prints where everything is."""
 
     def __init__(self, print_summary: bool = True) -> None:
         self.print_summary = print_summary
 
-    def _write(self, trainer: "L.Trainer", stage: str) -> dict[str, float]:
+    def _write(self, trainer: "L.Trainer", filename: str) -> dict[str, float]:
         metrics = _plain(trainer.callback_metrics)
-        path = os.path.join(trainer.default_root_dir, "final_metrics.json")
-        existing = {}
-        if os.path.isfile(path):
-            with open(path) as f:
-                existing = json.load(f)
-        existing.update(metrics)
         os.makedirs(trainer.default_root_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(existing, f, indent=2)
+        with open(os.path.join(trainer.default_root_dir, filename), "w") as f:
+            json.dump(metrics, f, indent=2)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.summary.update(metrics)
@@ -38,7 +33,7 @@ class RunSummary(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: "L.Trainer", pl_module) -> None:
-        metrics = self._write(trainer, "fit")
+        metrics = self._write(trainer, "final_metrics.json")
         if not self.print_summary:
             return
         from rich.console import Console
@@ -64,4 +59,9 @@ class RunSummary(L.Callback):
 
     @rank_zero_only
     def on_test_end(self, trainer: "L.Trainer", pl_module) -> None:
-        self._write(trainer, "test")
+        self._write(trainer, "metrics_test.json")
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: "L.Trainer", pl_module) -> None:
+        if trainer.state.fn == "validate":  # `finetune validate`; during fit, final_metrics.json has them
+            self._write(trainer, "metrics_validate.json")

@@ -31,6 +31,7 @@ class LengthGroupedSampler(DistributedSampler):
         self.batch_size = batch_size
         self.group_batches = group_batches
         self._skip_batches = 0
+        self._resumed_from: tuple[int, int] | None = None
 
     def _global_order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -59,6 +60,9 @@ class LengthGroupedSampler(DistributedSampler):
         return iter(indices[skip:])
 
     def resume(self, epoch: int, batches_done: int) -> None:
+        if self._resumed_from == (epoch, batches_done):  # Lightning may hand the same state over twice
+            return
+        self._resumed_from = (epoch, batches_done)
         batches_per_epoch = math.ceil(self.num_samples / self.batch_size)
         if batches_done >= batches_per_epoch:  # the checkpoint closed the epoch
             epoch, batches_done = epoch + 1, 0
@@ -88,6 +92,10 @@ class EvalSampler(DistributedSampler):
 
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose position in the epoch goes into Lightning checkpoints.
+
+    The DataModule saves and restores this state itself (LightningDataModule.state_dict): Lightning
+    restores the loop's loader states only when it builds the train loader after the loops are
+    restored, which `trainer.estimated_stepping_batches` (used to size the LR schedule) prevents.
 
     `batches_done` returns how many batches of the current epoch training has consumed (from the
     trainer's progress counters, not from this loader, which Lightning reads one batch ahead).

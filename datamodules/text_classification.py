@@ -164,6 +164,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         self._label_to_id: dict | None = None
         self._reported: set[str] = set()
         self.truncated: dict[str, int] = {}  # split -> examples cut by max_length
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume_state: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ loading
     @property
@@ -360,16 +362,30 @@ class TextClassificationDataModule(L.LightningDataModule):
         def batches_done() -> int:
             return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
 
-        return ResumableDataLoader(ds, batch_size=hp.batch_size, sampler=sampler, collate_fn=self._collator(),
-                                   num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
-                                   batches_done=batches_done)
+        # Own generator: creating a loader iterator would otherwise draw from the global torch RNG, so a
+        # resumed run would see different dropout masks than an uninterrupted one.
+        loader = ResumableDataLoader(ds, batch_size=hp.batch_size, sampler=sampler, collate_fn=self._collator(),
+                                     num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+                                     batches_done=batches_done, generator=torch.Generator().manual_seed(hp.seed))
+        if self._resume_state:
+            loader.load_state_dict(self._resume_state)
+            self._resume_state = None
+        self._train_loader = loader
+        return loader
+
+    # Position in the training epoch, saved in checkpoints so a mid-epoch resume neither repeats nor skips a batch.
+    def state_dict(self) -> dict[str, Any]:
+        return self._train_loader.state_dict() if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_state = dict(state_dict) or None
 
     def _eval_loader(self, split: str, keep: dict[str, str] | None = None) -> DataLoader:
         ds = self._encoded[split]
         world, rank = self._world()
         return DataLoader(ds, batch_size=self.hparams.eval_batch_size or 2 * self.hparams.batch_size,
                           sampler=EvalSampler(ds["length"], world, rank), collate_fn=self._collator(keep),
-                          num_workers=self.hparams.num_workers)
+                          num_workers=self.hparams.num_workers, generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")

@@ -96,7 +96,11 @@ class FinetuneCLI(LightningCLI):
         if drop and cfg.trainer.callbacks:
             cfg.trainer.callbacks = [c for c in cfg.trainer.callbacks
                                      if not any(d in str(c.get("class_path", "")) for d in drop)]
-        run_dir = next_version_dir(experiment_root)
+        if int(os.environ.get("LOCAL_RANK", 0)) > 0 and os.environ.get("FINETUNE_RUN_DIR"):
+            run_dir = os.environ["FINETUNE_RUN_DIR"]  # a DDP worker: use the directory rank 0 created
+        else:
+            run_dir = next_version_dir(experiment_root)
+            os.environ["FINETUNE_RUN_DIR"] = run_dir  # inherited by the processes DDP launches
         self.run_dir = run_dir
         cfg.trainer.default_root_dir = run_dir
         if cfg.checkpoint.dirpath is None:

@@ -36,7 +36,7 @@ def cli_config(tmp_path, backbone: str, files: dict, name: str = "cfg.yaml", **o
     cfg = {
         "seed_everything": 42,
         "model": {"backbone": backbone, "task": {"class_path": "lightning_modules.tasks.SequenceClassification"},
-                  "lr": 1e-3},
+                  "lr": 3e-3},
         "data": {"class_path": "datamodules.TextClassificationDataModule",
                  "init_args": {"data_files": dict(files), "batch_size": 16}},
         "trainer": {"accelerator": "cpu", "max_epochs": 2, "enable_progress_bar": False,
