@@ -40,6 +40,8 @@ class RunSummary(L.Callback):
         from rich.table import Table
 
         table = Table(title="finetune-lab run", show_header=False)
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")  # full paths, folded rather than cut
         table.add_row("run directory", os.path.abspath(trainer.default_root_dir))
         ckpt = trainer.checkpoint_callback
         if ckpt is not None:
@@ -50,7 +52,7 @@ class RunSummary(L.Callback):
                 table.add_row("export (save_pretrained)", cb.path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                run_dir = os.path.dirname(logger.experiment.dir)
+                run_dir = os.path.abspath(os.path.dirname(logger.experiment.dir))
                 table.add_row("W&B run", run_dir + (f"  (upload: wandb sync {run_dir})" if logger.experiment.offline else ""))
         for k, v in metrics.items():
             if k.startswith("val/"):
