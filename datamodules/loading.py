@@ -5,6 +5,7 @@ import csv
 import os
 from typing import Any, Mapping
 
+import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
 
 # extension -> (datasets builder, builder kwargs)
@@ -54,6 +55,11 @@ def load_hub_dataset(name: str, config: str | None) -> DatasetDict:
     if not isinstance(ds, DatasetDict):
         ds = DatasetDict({"train": ds})
     return ds
+
+
+def column_values(ds: Dataset, name: str) -> np.ndarray:
+    """One column as a numpy array, fast (`ds[name]` iterates row by row: seconds on 67k rows)."""
+    return ds.select_columns([name]).to_pandas()[name].to_numpy()
 
 
 def check_columns(ds: Dataset, split: str, columns: Mapping[str, str | None]) -> None:

@@ -11,7 +11,7 @@ from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from datamodules.loading import DataError, check_columns, load_hub_dataset, load_local_split
+from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split
 from datamodules.sampling import EvalSampler, LengthGroupedSampler, ResumableDataLoader
 from lightning_modules.backbones import load_tokenizer
 
@@ -283,12 +283,12 @@ class TextClassificationDataModule(L.LightningDataModule):
         )
         if split not in self._reported:  # truncation is never silent: counted and reported once per split
             self._reported.add(split)
-            n_tokens = encoded["num_tokens"]
-            cut = [n for n in n_tokens if n > hp.max_length]
-            if cut:
+            n_tokens = column_values(encoded, "num_tokens")
+            cut = n_tokens[n_tokens > hp.max_length]
+            if len(cut):
                 rank_zero_info(f"{split}: {len(cut)} of {len(n_tokens)} examples are longer than max_length="
-                               f"{hp.max_length} tokens and were truncated (longest: {max(cut)} tokens).")
-            self.truncated[split] = len(cut)
+                               f"{hp.max_length} tokens and were truncated (longest: {int(cut.max())} tokens).")
+            self.truncated[split] = int(len(cut))
         return encoded
 
     def _prepare(self, stage: str | None) -> None:
@@ -337,7 +337,9 @@ class TextClassificationDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Rank 0 only: warms the datasets cache (download, parsing, tokenization) before setup runs everywhere.
         if self.hparams.dataset or self.hparams.data_files:
-            self._prepare(None)
+            trainer = getattr(self, "trainer", None)
+            fn = trainer.state.fn if trainer is not None else None
+            self._prepare(fn.value if fn is not None else None)
 
     def setup(self, stage: str | None = None) -> None:
         self._prepare(stage)
@@ -355,7 +357,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         hp = self.hparams
         ds = self._encoded["train"]
         world, rank = self._world()
-        sampler = LengthGroupedSampler(ds["length"], hp.batch_size, world, rank, seed=hp.seed,
+        sampler = LengthGroupedSampler(column_values(ds, "length"), hp.batch_size, world, rank, seed=hp.seed,
                                        group_batches=hp.length_group_batches if hp.group_by_length else 1)
         trainer = self.trainer
 
@@ -384,7 +386,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         ds = self._encoded[split]
         world, rank = self._world()
         return DataLoader(ds, batch_size=self.hparams.eval_batch_size or 2 * self.hparams.batch_size,
-                          sampler=EvalSampler(ds["length"], world, rank), collate_fn=self._collator(keep),
+                          sampler=EvalSampler(column_values(ds, "length"), world, rank), collate_fn=self._collator(keep),
                           num_workers=self.hparams.num_workers, generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def val_dataloader(self) -> DataLoader:

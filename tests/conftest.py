@@ -10,6 +10,9 @@ for key, value in {
     "WANDB_MODE": "offline",
     "WANDB_SILENT": "true",
     "TOKENIZERS_PARALLELISM": "false",
+    # Tiny models gain nothing from threads, and one thread per process keeps the DDP and subprocess
+    # tests from oversubscribing 2 cores (OpenMP spin-waits make that 10-50x slower).
+    "OMP_NUM_THREADS": "1",
     "HF_HOME": os.path.join(_CACHE, "hf"),  # datasets cache isolated per test session
 }.items():
     os.environ[key] = value

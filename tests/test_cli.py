@@ -179,3 +179,12 @@ def test_wandb_offline_run_holds_config_and_final_metrics(fitted_run):
         final = json.load(f)
     assert "history" in kinds
     assert summary["val/accuracy"] == pytest.approx(final["val/accuracy"])
+
+
+def test_checkpoint_carries_labels_and_rebuilds_with_load_from_checkpoint(fitted_run):
+    from lightning_modules import TaskModule
+
+    _, _, run = fitted_run
+    module = TaskModule.load_from_checkpoint(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=False)
+    assert module.model.config.id2label == {0: "negative", 1: "positive"}
+    assert type(module.task).__name__ == "SequenceClassification"
