@@ -30,3 +30,18 @@ class TaskCheckpoint(ModelCheckpoint):
             self.monitor = f"val/{task.monitor}"
             self._ModelCheckpoint__init_monitor_mode(task.monitor_mode)
         super().setup(trainer, pl_module, stage)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A resumed run writes into a new run directory. Lightning then forgets the best score, so the
+        # first validation after a resume would always count as "best" (and be exported) even when it
+        # is worse. Keep the ranking; files of the earlier run are never deleted (_remove_checkpoint).
+        moved = state_dict.get("dirpath", self.dirpath) != self.dirpath
+        if moved:
+            state_dict = {**state_dict, "dirpath": self.dirpath, "last_model_path": ""}
+        super().load_state_dict(state_dict)
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        import os
+
+        if self.dirpath and os.path.dirname(os.path.abspath(filepath)) == os.path.abspath(self.dirpath):
+            super()._remove_checkpoint(trainer, filepath)

@@ -59,12 +59,12 @@ class LengthGroupedSampler(DistributedSampler):
         self._skip_batches = 0
         return iter(indices[skip:])
 
-    def resume(self, epoch: int, batches_done: int) -> None:
+    def resume(self, epoch: int, batches_done: int, epoch_finished: bool = False) -> None:
         if self._resumed_from == (epoch, batches_done):  # Lightning may hand the same state over twice
             return
         self._resumed_from = (epoch, batches_done)
-        batches_per_epoch = math.ceil(self.num_samples / self.batch_size)
-        if batches_done >= batches_per_epoch:  # the checkpoint closed the epoch
+        # `epoch_finished` also covers epochs shortened by the trainer's limit_train_batches
+        if epoch_finished or batches_done >= math.ceil(self.num_samples / self.batch_size):
             epoch, batches_done = epoch + 1, 0
         self.set_epoch(epoch)
         self._skip_batches = batches_done
@@ -97,16 +97,17 @@ class ResumableDataLoader(DataLoader):
     restores the loop's loader states only when it builds the train loader after the loops are
     restored, which `trainer.estimated_stepping_batches` (used to size the LR schedule) prevents.
 
-    `batches_done` returns how many batches of the current epoch training has consumed (from the
-    trainer's progress counters, not from this loader, which Lightning reads one batch ahead).
+    `progress` returns (batches of the current epoch that training has consumed, batches in the
+    epoch), from the trainer's counters: this loader itself is read one batch ahead by Lightning.
     """
 
-    def __init__(self, *args: Any, batches_done: Callable[[], int] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, float]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.batches_done = batches_done
+        self.progress = progress
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": int(self.sampler.epoch), "batches_done": int(self.batches_done()) if self.batches_done else 0}
+        done, total = self.progress() if self.progress else (0, float("inf"))
+        return {"epoch": int(self.sampler.epoch), "batches_done": int(done), "epoch_finished": bool(done >= total)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.resume(state["epoch"], state["batches_done"])
+        self.sampler.resume(state["epoch"], state["batches_done"], state.get("epoch_finished", False))

@@ -1,6 +1,8 @@
 """Text classification data: single texts or pairs with a label (class name, class id or float)."""
 from __future__ import annotations
 
+import json
+import math
 import os
 from typing import Any
 
@@ -21,8 +23,15 @@ _SPLITS = ("train", "validation", "test")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what the tokenizer does. Its truncation/padding state is left out: every call changes
+    it, which would make the same tokenizer hash differently before and after its first use."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    content = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    if backend is not None:
+        content = json.loads(backend.to_str())
+        content.pop("truncation", None)
+        content.pop("padding", None)
+    else:
+        content = [sorted(tokenizer.get_vocab().items()), sorted(map(str, tokenizer.init_kwargs.items()))]
     return Hasher.hash([type(tokenizer).__name__, content])
 
 
@@ -36,7 +45,8 @@ def encode(batch: dict[str, list], indices: list[int], tokenizer, text_column: s
     for col, values in ((text_column, texts), (text_pair_column, pairs)):
         for i, t in enumerate(values or []):
             if not isinstance(t, str):
-                raise DataError(f"{split} row {indices[i]}: column '{col}' holds {t!r}, not text.")
+                raise DataError(f"{split} example {indices[i]} (0-based position in the split): column '{col}' "
+                                f"holds {t!r}, not text.")
     enc = tokenizer(texts, pairs, truncation=False, verbose=False)
     ids, types = enc["input_ids"], enc.get("token_type_ids")
     num_tokens = [len(x) for x in ids]
@@ -59,7 +69,8 @@ def encode(batch: dict[str, list], indices: list[int], tokenizer, text_column: s
             out["labels"] = []
             for i, v in enumerate(raw):
                 if v not in label_to_id:
-                    raise DataError(f"{split} row {indices[i]}: label {v!r} is not in the label set {list(label_to_id)}.")
+                    raise DataError(f"{split} example {indices[i]} (0-based position in the split): label {v!r} "
+                                    f"is not in the label set {list(label_to_id)}.")
                 out["labels"].append(label_to_id[v])
     return out
 
@@ -199,6 +210,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         if first and "train" in splits:
             if hp.max_train_samples is not None:
                 splits["train"] = splits["train"].select(range(min(hp.max_train_samples, len(splits["train"]))))
+            self._labels_from_train(splits["train"])  # before carving: the label set is the whole train split's
             if "validation" not in splits:
                 carved = splits["train"].train_test_split(test_size=hp.validation_fraction, seed=hp.seed)
                 splits["train"], splits["validation"] = carved["train"], carved["test"]
@@ -214,8 +226,13 @@ class TextClassificationDataModule(L.LightningDataModule):
                 else "int" if "int" in dtype or dtype == "bool" else "float" if "float" in dtype else None)
         if kind is None:
             raise DataError(f"label_column '{hp.label_column}' has type {feature}; expected class names, ids or floats.")
-        regression = hp.regression if hp.regression is not None else kind == "float"
         values = train.unique(hp.label_column)
+        missing = [v for v in values if v is None or (isinstance(v, float) and math.isnan(v))
+                   or (isinstance(v, str) and not v.strip())]
+        if missing:
+            raise DataError(f"The train split has missing labels ({missing}) in label_column '{hp.label_column}'; "
+                            "remove those rows or fill them in.")
+        regression = hp.regression if hp.regression is not None else kind == "float"
         if regression:
             if kind == "str":
                 raise DataError(f"data.regression is true but label_column '{hp.label_column}' holds text labels.")
@@ -235,23 +252,39 @@ class TextClassificationDataModule(L.LightningDataModule):
             unknown = sorted(set(values) - set(label_to_id))
             if unknown:
                 raise DataError(f"train split has labels {unknown[:10]} that are not in data.label_names {names}.")
+        elif kind == "class":
+            if names is not None and sorted(names) != sorted(feature.names):
+                raise DataError(f"data.label_names {names} are not the dataset's class names {feature.names}; "
+                                "give the same names (in any order) or leave data.label_names unset.")
+            names = names or list(feature.names)
+            # ClassLabel id -> position of its name in `names` (label_names may reorder the classes)
+            label_to_id = {i: names.index(name) for i, name in enumerate(feature.names)}
         else:
-            if kind == "class":
-                names = names or list(feature.names)
-                ids = list(range(len(names)))
-            elif names is not None:
-                ids = list(range(len(names)))
-            else:
-                ids = sorted(values)
-                names = [str(v) for v in ids]
+            ids = list(range(len(names))) if names is not None else sorted(values)
+            names = names or [str(v) for v in ids]
             label_to_id = {v: i for i, v in enumerate(ids)}
-            out_of_range = sorted(set(values) - set(label_to_id))
-            if out_of_range:
-                raise DataError(f"train split has label ids {out_of_range[:10]} outside 0..{len(names) - 1} "
-                                f"(label names {names}); fix the data or data.label_names.")
+        out_of_range = sorted(set(values) - set(label_to_id), key=str)
+        if out_of_range:
+            raise DataError(f"train split has label ids {out_of_range[:10]} outside 0..{len(names) - 1} "
+                            f"(label names {names}); fix the data or data.label_names.")
         if hp.num_labels is not None and hp.num_labels != len(names):
             raise DataError(f"data.num_labels={hp.num_labels}, but the training split has {len(names)} labels {names}.")
         self._label_to_id = label_to_id
+        self.data_info = {"problem_type": "single_label_classification", "label_names": names}
+
+    def _labels_without_train(self, ds: Dataset) -> None:
+        """Evaluating without a train split: the label set must be given (label_names or regression)."""
+        hp = self.hparams
+        if hp.regression:
+            self._label_to_id, self.data_info = None, {"problem_type": "regression", "label_names": []}
+            return
+        if hp.label_names is None:
+            raise DataError("The label set comes from the train split: give the train split too "
+                            "(data.data_files.train or a hub dataset), or data.label_names (or data.regression: true).")
+        feature = ds.features[hp.label_column]
+        is_text = getattr(feature, "dtype", None) in ("string", "large_string")
+        names = list(hp.label_names)
+        self._label_to_id = {n: i for i, n in enumerate(names)} if is_text else {i: i for i in range(len(names))}
         self.data_info = {"problem_type": "single_label_classification", "label_names": names}
 
     def _check_split_labels(self, split: str, ds: Dataset) -> None:
@@ -295,6 +328,9 @@ class TextClassificationDataModule(L.LightningDataModule):
         hp = self.hparams
         if stage == "predict" and not hp.predict_file:
             raise DataError("finetune predict needs data.predict_file (a .txt with one text per line, or csv/tsv/jsonl).")
+        mml = getattr(self.tokenizer, "model_max_length", None)
+        if mml is not None and mml < 1_000_000 and hp.max_length > mml:
+            raise DataError(f"data.max_length={hp.max_length} exceeds what the tokenizer/model supports ({mml}).")
         needed = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"], "predict": []}.get(
             stage or "fit", ["train", "validation"])
         raw = self._raw_splits(set(needed)) if (hp.dataset or hp.data_files) else {}
@@ -303,10 +339,10 @@ class TextClassificationDataModule(L.LightningDataModule):
         for split in needed:
             if split not in raw:
                 raise DataError(f"Stage '{stage}' needs a {split} split: add data.data_files.{split} "
-                                f"(available: {sorted(raw) or 'none'}).")
+                                f"or a hub dataset that has it (available: {sorted(raw) or 'none'}).")
             if split not in self._encoded:
                 if self.data_info is None:
-                    raise DataError(f"The label set comes from the train split; give data.data_files.train too.")
+                    self._labels_without_train(raw[split])
                 self._check_split_labels(split, raw[split])
                 self._encoded[split] = self._encode_split(split, raw[split])
         if stage == "predict" and "predict" not in self._encoded:
@@ -361,14 +397,16 @@ class TextClassificationDataModule(L.LightningDataModule):
                                        group_batches=hp.length_group_batches if hp.group_by_length else 1)
         trainer = self.trainer
 
-        def batches_done() -> int:
-            return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+        def progress() -> tuple[int, float]:
+            if trainer is None:
+                return 0, float("inf")
+            return trainer.fit_loop.epoch_loop.batch_progress.current.processed, trainer.num_training_batches
 
         # Own generator: creating a loader iterator would otherwise draw from the global torch RNG, so a
         # resumed run would see different dropout masks than an uninterrupted one.
         loader = ResumableDataLoader(ds, batch_size=hp.batch_size, sampler=sampler, collate_fn=self._collator(),
                                      num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
-                                     batches_done=batches_done, generator=torch.Generator().manual_seed(hp.seed))
+                                     progress=progress, generator=torch.Generator().manual_seed(hp.seed))
         if self._resume_state:
             loader.load_state_dict(self._resume_state)
             self._resume_state = None

@@ -50,11 +50,21 @@ def next_version_dir(root: str) -> str:
             continue
 
 
+def shared_job_id() -> str | None:
+    """An id every process of a multi-process SLURM or torchrun job sees alike (with the restart count,
+    so a requeued job gets a new directory); None for single runs and Lightning-launched DDP."""
+    if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SLURM_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', 0)}.r{os.environ.get('SLURM_RESTART_COUNT', 0)}"
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return f"{os.environ['TORCHELASTIC_RUN_ID']}.r{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+    return None
+
+
 def find_checkpoint(experiment_root: str, which: str) -> str:
     """The `last.ckpt` (or best checkpoint) of the newest run under `experiment_root` that has one."""
     pattern = "last.ckpt" if which == "last" else "best-*.ckpt"
-    runs = sorted(glob.glob(os.path.join(experiment_root, "version_*")),
-                  key=lambda p: int(p.rsplit("_", 1)[1]), reverse=True)
+    runs = [p for p in glob.glob(os.path.join(experiment_root, "*")) if re.fullmatch(r"(version|job)_[\w.-]+", os.path.basename(p))]
+    runs.sort(key=os.path.getmtime, reverse=True)
     for run in runs:
         found = sorted(glob.glob(os.path.join(run, "checkpoints", pattern)), key=os.path.getmtime)
         if found:
@@ -96,11 +106,15 @@ class FinetuneCLI(LightningCLI):
         if drop and cfg.trainer.callbacks:
             cfg.trainer.callbacks = [c for c in cfg.trainer.callbacks
                                      if not any(d in str(c.get("class_path", "")) for d in drop)]
-        if int(os.environ.get("LOCAL_RANK", 0)) > 0 and os.environ.get("FINETUNE_RUN_DIR"):
-            run_dir = os.environ["FINETUNE_RUN_DIR"]  # a DDP worker: use the directory rank 0 created
+        job = shared_job_id()
+        if job is not None:  # srun / torchrun start every rank alike: a name all of them derive
+            run_dir = os.path.join(experiment_root, f"job_{job}")
+            os.makedirs(run_dir, exist_ok=True)
+        elif int(os.environ.get("LOCAL_RANK", 0)) > 0 and os.environ.get("FINETUNE_RUN_DIR"):
+            run_dir = os.environ["FINETUNE_RUN_DIR"]  # a worker Lightning launched: rank 0 made the directory
         else:
             run_dir = next_version_dir(experiment_root)
-            os.environ["FINETUNE_RUN_DIR"] = run_dir  # inherited by the processes DDP launches
+            os.environ["FINETUNE_RUN_DIR"] = run_dir  # inherited by the processes Lightning's DDP launches
         self.run_dir = run_dir
         cfg.trainer.default_root_dir = run_dir
         if cfg.checkpoint.dirpath is None:

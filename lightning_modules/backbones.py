@@ -76,7 +76,7 @@ class Backbone:
         try:
             return auto_cls.from_pretrained(self.path, **config_overrides)
         except OSError as e:
-            raise _not_found(self.name, "weights", e) from e
+            raise _not_found(self.name, "weights", e) from None
 
 
 def load_tokenizer(name: str):
@@ -86,4 +86,4 @@ def load_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise _not_found(name, "tokenizer", e) from e
+        raise _not_found(name, "tokenizer", e) from None

@@ -48,7 +48,9 @@ def test_missing_validation_is_carved_from_train_with_a_seed(tiny_backbone, tmp_
     assert a._encoded["validation"]["input_ids"] == b._encoded["validation"]["input_ids"]
 
 
-def test_tokenization_is_cached_across_runs(tiny_backbone, tmp_path):
+@pytest.mark.parametrize("backbone", ["tiny", "minilm"])
+def test_tokenization_is_cached_across_runs(backbone, tiny_backbone, tmp_path):
+    tiny_backbone = tiny_backbone if backbone == "tiny" else "minilm"  # MiniLM's tokenizer ships truncation state
     files = {"train": write_jsonl(str(tmp_path / "t.jsonl"), toy_sentiment_rows(64, 7)),
              "validation": write_jsonl(str(tmp_path / "v.jsonl"), toy_sentiment_rows(16, 8))}
     before = tc.ENCODE_CALLS
@@ -193,7 +195,7 @@ def test_error_non_text_value_names_the_row(tiny_backbone, tmp_path):
     rows = toy_sentiment_rows(6, 0)
     rows[4]["text"] = None
     dm = make_dm(tiny_backbone, _files(tmp_path, rows, rows[:2]))
-    with pytest.raises(DataError, match=r"train row 4: column 'text' holds None"):
+    with pytest.raises(DataError, match=r"train example 4 \(0-based position in the split\): column 'text' holds None"):
         dm.setup("fit")
 
 
@@ -204,3 +206,44 @@ def test_class_balance_is_kept_in_batches(tiny_backbone, toy_data):
     for batch in dm.train_dataloader():
         seen.update(batch["index"].tolist())
     assert sorted(seen) == list(range(240)) and set(seen.values()) == {1}
+
+
+def test_classlabel_names_reordered_by_label_names(tiny_backbone, tmp_path):
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    feats = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    rows = toy_sentiment_rows(20, 0)
+    ds = Dataset.from_dict({"text": [r["text"] for r in rows], "label": [int(r["label"] == "positive") for r in rows]}, features=feats)
+    ds.to_parquet(str(tmp_path / "t.parquet"))
+    files = {"train": str(tmp_path / "t.parquet"), "validation": str(tmp_path / "t.parquet")}
+    dm = make_dm(tiny_backbone, files, label_names=["positive", "negative"])
+    dm.setup("fit")
+    assert dm.data_info["label_names"] == ["positive", "negative"]
+    assert dm._encoded["train"]["labels"] == [1 - int(r["label"] == "positive") for r in rows]
+    with pytest.raises(DataError, match="are not the dataset's class names"):
+        make_dm(tiny_backbone, files, label_names=["pos", "neg"]).setup("fit")
+
+
+def test_error_missing_label_value(tiny_backbone, tmp_path):
+    rows = [dict(r, label=int(r["label"] == "positive")) for r in toy_sentiment_rows(10, 0)]
+    path = write_tsv(str(tmp_path / "t.tsv"), rows, ["text", "label"])
+    with open(path, "a") as f:
+        f.write("good film\t\n")  # a blank label cell
+    dm = make_dm(tiny_backbone, {"train": path})
+    with pytest.raises(DataError, match=r"missing labels \(\[''\]\)"):
+        dm.setup("fit")
+
+
+def test_validate_without_train_split_needs_label_names(tiny_backbone, toy_data):
+    dm = make_dm(tiny_backbone, {"validation": toy_data["validation"]})
+    with pytest.raises(DataError, match="label set comes from the train split"):
+        dm.setup("validate")
+    dm = make_dm(tiny_backbone, {"validation": toy_data["validation"]}, label_names=["negative", "positive"])
+    dm.setup("validate")
+    assert len(dm._encoded["validation"]) == 51
+
+
+def test_error_max_length_beyond_the_model():
+    dm = tc.TextClassificationDataModule(tokenizer="minilm", data_files={"train": "unused.csv"}, max_length=4096)
+    with pytest.raises(DataError, match="max_length=4096 exceeds"):
+        dm.setup("fit")

@@ -110,3 +110,20 @@ def test_bf16_mixed_on_cpu_trains(tiny_backbone, toy_data, tmp_path):
                            gradient_clip_val=1.0, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
     assert float(trainer.callback_metrics["val/accuracy"]) > 0.7
+
+
+def test_checkpoint_ranking_survives_a_resume_into_a_new_directory(tmp_path):
+    from callbacks import TaskCheckpoint
+
+    old = TaskCheckpoint(monitor="val/accuracy", mode="max", dirpath=str(tmp_path / "run0"))
+    old.best_model_score, old.best_model_path = torch.tensor(0.9), str(tmp_path / "run0" / "best.ckpt")
+    old.best_k_models = {old.best_model_path: torch.tensor(0.9)}
+    old.last_model_path = str(tmp_path / "run0" / "last.ckpt")
+    new = TaskCheckpoint(monitor="val/accuracy", mode="max", dirpath=str(tmp_path / "run1"))
+    new.load_state_dict(old.state_dict())
+    assert float(new.best_model_score) == 0.9  # a worse score after the resume is not "best"
+    assert new.best_model_path == old.best_model_path and new.last_model_path == ""
+    removed = []
+    new._remove_checkpoint(type("T", (), {"strategy": type("S", (), {"remove_checkpoint": removed.append})()})(),
+                           old.best_model_path)
+    assert removed == []  # files of the earlier run are never deleted
