@@ -121,7 +121,7 @@ def test_checkpoint_ranking_survives_a_resume_into_a_new_directory(tmp_path):
     old.last_model_path = str(tmp_path / "run0" / "last.ckpt")
     new = TaskCheckpoint(monitor="val/accuracy", mode="max", dirpath=str(tmp_path / "run1"))
     new.load_state_dict(old.state_dict())
-    assert float(new.best_model_score) == 0.9  # a worse score after the resume is not "best"
+    assert float(new.best_model_score) == pytest.approx(0.9)  # a worse score after the resume is not "best"
     assert new.best_model_path == old.best_model_path and new.last_model_path == ""
     removed = []
     new._remove_checkpoint(type("T", (), {"strategy": type("S", (), {"remove_checkpoint": removed.append})()})(),
