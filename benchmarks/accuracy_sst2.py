@@ -2,7 +2,7 @@
 
 What it measures: validation accuracy (and f1_macro, MCC) on the 872 SST-2 validation rows after one epoch
 over the full training set (67,349 rows), with the same recipe as the HF Trainer reference
-(/work/shared/baselines/results/task3_sst2_full.json, val acc 0.8842): minilm, batch 32, max_length 64,
+(../shared/baselines/results/task3_sst2_full.json, val acc 0.8842): minilm, batch 32, max_length 64,
 lr 5e-5 with linear decay, warmup 6 %, weight decay 0.01 (not on biases/LayerNorm), gradient clipping 1.0,
 fp32 on CPU, seed 42, group_by_length, dynamic padding. Validation runs once, at the end of the epoch.
 Target: accuracy no lower than the reference minus 0.5 points.
@@ -41,8 +41,15 @@ from lightning_modules import TaskModule  # noqa: E402
 from lightning_modules.tasks import SequenceClassification  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = "/work/shared/data/sst2"
-REFERENCE = "/work/shared/baselines/results/task3_sst2_full.json"
+SHARED = os.environ.get("FINETUNE_SHARED", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared"))
+DATA = os.path.join(SHARED, "data", "sst2")
+REFERENCE = os.path.join(SHARED, "baselines", "results", "task3_sst2_full.json")
+
+
+def git_version() -> str:
+    """Commit of the library code that was measured (`-dirty` when the working tree has edits)."""
+    r = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
 
 
 class Timing(L.Callback):
@@ -146,7 +153,7 @@ def main() -> None:
         val_s=round(timing.val_end - timing.val_start, 1), fit_s=round(timing.t1 - timing.t0, 1),
         wall_s=round(wall_s, 1), waited_for_load_s=waited, torch_threads=torch.get_num_threads(),
         loadavg_train_start=timing.load_start, loadavg_train_end=timing.load_end,
-        uptime_before=uptime_before, uptime_after=uptime_after,
+        uptime_before=uptime_before, uptime_after=uptime_after, git=git_version(),
         reference=dict(file=REFERENCE, val_accuracy=round(ref_acc, 4),
                        val_correct=round(ref_acc * ref["n_eval"]), train_s=ref["train_metrics"]["train_runtime"],
                        process_wall_s=ref["process_wall_s"]),

@@ -7,9 +7,9 @@ no weight decay, seed 42, for three systems, run one after another, each in its 
   finetune   Lightning Trainer + TaskModule + TextClassificationDataModule(group_by_length=True).
              Timed from on_train_start to on_train_end (model load and tokenization excluded, as in the
              HF Trainer's train_runtime); no validation inside the timed part.
-  trainer    /work/shared/baselines/sst2_trainer.py --padding dynamic (HF Trainer, group_by_length);
+  trainer    ../shared/baselines/sst2_trainer.py --padding dynamic (HF Trainer, group_by_length);
              its `train_metrics.train_samples_per_second`.
-  handloop   /work/shared/baselines/sst2_manual_loop.py (length-sorted batches, plain AdamW loop);
+  handloop   ../shared/baselines/sst2_manual_loop.py (length-sorted batches, plain AdamW loop);
              its `train_samples_per_second`.
 
 Validation accuracy on the 872 validation rows is reported for information only. Targets: finetune
@@ -39,8 +39,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
-BASELINES = "/work/shared/baselines"
-DATA = "/work/shared/data/sst2"
+SHARED = os.environ.get("FINETUNE_SHARED", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared"))
+DATA = os.path.join(SHARED, "data", "sst2")
+BASELINES = os.path.join(SHARED, "baselines")
 SYSTEMS = ("finetune", "trainer", "handloop")
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
        "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "42"}
@@ -68,6 +69,12 @@ def own_cpu_s() -> float:
 
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def git_version() -> str:
+    """Commit of the library code that was measured (`-dirty` when the working tree has edits)."""
+    r = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
 
 
 def wait_for_quiet(threshold: float, max_wait: float) -> float:
@@ -168,7 +175,8 @@ def launch(system: str, args: argparse.Namespace, tmp: str, tag: str) -> dict:
         cmd = [sys.executable, "sst2_manual_loop.py", "--batch", str(args.batch_size), "--lr", str(args.lr)] + common
         cwd = BASELINES
     env = dict(os.environ, **ENV, BASELINE_OUT=os.path.join(tmp, "hf_out"))
-    log_path = os.path.join(RESULTS, "logs", f"throughput_{tag}.log")
+    stem = os.path.splitext(os.path.basename(args.out))[0]  # e.g. throughput_sst2
+    log_path = os.path.join(RESULTS, "logs", f"{stem}_{tag}.log")
     load_before, t0 = loadavg(), time.time()
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -280,7 +288,7 @@ def main() -> None:
         what=f"train samples/s, SST-2 first {args.n_train} rows, minilm, batch {args.batch_size}, "
              f"max_length {args.max_length}, fp32, 1 epoch, CPU",
         started=started, args={k: v for k, v in vars(args).items() if k != "child"},
-        uptime_before=uptime_before, uptime_after=uptime_after, nproc=os.cpu_count(),
+        uptime_before=uptime_before, uptime_after=uptime_after, nproc=os.cpu_count(), git=git_version(),
         median_samples_per_s=median, ratios=ratios, targets=targets,
         targets_met={k: ratios[k] >= targets[k] for k in ratios}, runs=runs,
     )
