@@ -27,7 +27,7 @@ class LengthGroupedSampler(DistributedSampler):
     def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0,
                  seed: int = 42, group_batches: int = 64) -> None:
         super().__init__(range(len(lengths)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.lengths = torch.as_tensor(lengths)
+        self.lengths = torch.tensor(list(lengths) if not hasattr(lengths, "dtype") else lengths.copy())
         self.batch_size = batch_size
         self.group_batches = group_batches
         self._skip_batches = 0
@@ -79,7 +79,8 @@ class EvalSampler(DistributedSampler):
 
     def __init__(self, lengths: Sequence[int], num_replicas: int = 1, rank: int = 0) -> None:
         super().__init__(range(len(lengths)), num_replicas=num_replicas, rank=rank, shuffle=False)
-        order = torch.argsort(torch.as_tensor(lengths), descending=True, stable=True).tolist()
+        order = torch.argsort(torch.tensor(list(lengths) if not hasattr(lengths, "dtype") else lengths.copy()),
+                              descending=True, stable=True).tolist()
         self.indices = order[rank::num_replicas]
         self.num_samples = len(self.indices)
 
