@@ -1,38 +1,21 @@
 """Text classification data: single texts or pairs with a label (class name, class id or float)."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
 
-import lightning as L
 import torch
 from datasets import ClassLabel, Dataset
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 
+from datamodules.base import TokenizedDataModule, tokenizer_fingerprint
 from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split
-from datamodules.sampling import EvalSampler, LengthGroupedSampler, ResumableDataLoader
-from lightning_modules.backbones import load_tokenizer
 
 ENCODE_VERSION = 1  # bump when `encode` changes, to invalidate cached tokenizations
 ENCODE_CALLS = 0  # batches tokenized in this process (tests read it to see cache hits)
 _SPLITS = ("train", "validation", "test")
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of what the tokenizer does. Its truncation/padding state is left out: every call changes
-    it, which would make the same tokenizer hash differently before and after its first use."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        content = json.loads(backend.to_str())
-        content.pop("truncation", None)
-        content.pop("padding", None)
-    else:
-        content = [sorted(tokenizer.get_vocab().items()), sorted(map(str, tokenizer.init_kwargs.items()))]
-    return Hasher.hash([type(tokenizer).__name__, content])
 
 
 def encode(batch: dict[str, list], indices: list[int], tokenizer, text_column: str, text_pair_column: str | None,
@@ -104,7 +87,7 @@ class Collator:
         return batch
 
 
-class TextClassificationDataModule(L.LightningDataModule):
+class TextClassificationDataModule(TokenizedDataModule):
     """Single-text or text-pair classification (or regression) data from the hub or local files.
 
     Args:
@@ -168,23 +151,11 @@ class TextClassificationDataModule(L.LightningDataModule):
         if num_labels is not None and label_names is not None and num_labels != len(label_names):
             raise DataError(f"data.num_labels={num_labels} but data.label_names has {len(label_names)} names.")
         self.save_hyperparameters()
-        self.data_info: dict[str, Any] | None = None
-        self._tokenizer = None
         self._raw: dict[str, Dataset] | None = None
-        self._encoded: dict[str, Dataset] = {}
         self._label_to_id: dict | None = None
-        self._reported: set[str] = set()
         self.truncated: dict[str, int] = {}  # split -> examples cut by max_length
-        self._train_loader: ResumableDataLoader | None = None
-        self._resume_state: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ loading
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
-        return self._tokenizer
-
     def _raw_splits(self, wanted: set[str]) -> dict[str, Dataset]:
         """Parsed splits. Splits in data_files are read locally; the others come from the hub dataset,
         which is asked only when one of them is wanted. Without any validation split, one is carved
@@ -370,68 +341,10 @@ class TextClassificationDataModule(L.LightningDataModule):
                                       "text_pair_column": self.hparams.text_pair_column})
         return ds
 
-    def prepare_data(self) -> None:
-        # Rank 0 only: warms the datasets cache (download, parsing, tokenization) before setup runs everywhere.
-        if self.hparams.dataset or self.hparams.data_files:
-            trainer = getattr(self, "trainer", None)
-            fn = trainer.state.fn if trainer is not None else None
-            self._prepare(fn.value if fn is not None else None)
-
-    def setup(self, stage: str | None = None) -> None:
-        self._prepare(stage)
-
     # ------------------------------------------------------------------ loaders
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
     def _collator(self, keep: dict[str, str] | None = None) -> Collator:
         regression = self.data_info is not None and self.data_info["problem_type"] == "regression"
         return Collator(self.tokenizer.pad_token_id or 0, regression, keep)
 
-    def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        ds = self._encoded["train"]
-        world, rank = self._world()
-        sampler = LengthGroupedSampler(column_values(ds, "length"), hp.batch_size, world, rank, seed=hp.seed,
-                                       group_batches=hp.length_group_batches if hp.group_by_length else 1)
-        trainer = self.trainer
-
-        def progress() -> tuple[int, float]:
-            if trainer is None:
-                return 0, float("inf")
-            return trainer.fit_loop.epoch_loop.batch_progress.current.processed, trainer.num_training_batches
-
-        # Own generator: creating a loader iterator would otherwise draw from the global torch RNG, so a
-        # resumed run would see different dropout masks than an uninterrupted one.
-        loader = ResumableDataLoader(ds, batch_size=hp.batch_size, sampler=sampler, collate_fn=self._collator(),
-                                     num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
-                                     progress=progress, generator=torch.Generator().manual_seed(hp.seed))
-        if self._resume_state:
-            loader.load_state_dict(self._resume_state)
-            self._resume_state = None
-        self._train_loader = loader
-        return loader
-
-    # Position in the training epoch, saved in checkpoints so a mid-epoch resume neither repeats nor skips a batch.
-    def state_dict(self) -> dict[str, Any]:
-        return self._train_loader.state_dict() if self._train_loader is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_state = dict(state_dict) or None
-
-    def _eval_loader(self, split: str, keep: dict[str, str] | None = None) -> DataLoader:
-        ds = self._encoded[split]
-        world, rank = self._world()
-        return DataLoader(ds, batch_size=self.hparams.eval_batch_size or 2 * self.hparams.batch_size,
-                          sampler=EvalSampler(column_values(ds, "length"), world, rank), collate_fn=self._collator(keep),
-                          num_workers=self.hparams.num_workers, generator=torch.Generator().manual_seed(self.hparams.seed))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("predict", keep=self._text_keys())
+    def _predict_keep(self) -> dict[str, str]:
+        return self._text_keys()

@@ -17,7 +17,6 @@ from typing import Any
 import yaml
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
 
 from callbacks import HFExport, JsonlPredictionWriter, RunSummary, TaskCheckpoint
 from lightning_modules import TaskModule

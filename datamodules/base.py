@@ -1,0 +1,123 @@
+"""Plumbing shared by the task DataModules: the tokenizer, cached tokenization, samplers and loaders.
+
+A task's DataModule subclasses `TokenizedDataModule` and implements `_prepare(stage)` (fill
+`self._encoded[split]` and `self.data_info`) and `_collator(keep)`; its hparams must include
+`tokenizer`, `batch_size`, `eval_batch_size`, `group_by_length`, `length_group_batches`, `seed`
+and `num_workers`, and every encoded split a `length` column.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import lightning as L
+import torch
+from datasets import Dataset
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader
+
+from datamodules.loading import column_values
+from datamodules.sampling import EvalSampler, LengthGroupedSampler, ResumableDataLoader
+from lightning_modules.backbones import load_tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what the tokenizer does. Its truncation/padding state is left out: every call changes
+    it, which would make the same tokenizer hash differently before and after its first use."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        content = json.loads(backend.to_str())
+        content.pop("truncation", None)
+        content.pop("padding", None)
+    else:
+        content = [sorted(tokenizer.get_vocab().items()), sorted(map(str, tokenizer.init_kwargs.items()))]
+    return Hasher.hash([type(tokenizer).__name__, content])
+
+
+
+class TokenizedDataModule(L.LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.data_info: dict[str, Any] | None = None  # what the Task needs to build its head (labels...)
+        self._tokenizer = None
+        self._encoded: dict[str, Dataset] = {}
+        self._reported: set[str] = set()  # splits whose truncation was already reported
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume_state: dict[str, int] | None = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+        return self._tokenizer
+
+    def _prepare(self, stage: str | None) -> None:
+        raise NotImplementedError
+
+    def _collator(self, keep: dict[str, str] | None = None):
+        raise NotImplementedError
+
+    def _predict_keep(self) -> dict[str, str]:
+        """Raw columns passed through to predict batches (batch key -> column)."""
+        return {}
+
+    def prepare_data(self) -> None:
+        # Rank 0 only: warms the datasets cache (download, parsing, tokenization) before setup runs everywhere.
+        trainer = getattr(self, "trainer", None)
+        fn = trainer.state.fn if trainer is not None else None
+        self._prepare(fn.value if fn is not None else None)
+
+    def setup(self, stage: str | None = None) -> None:
+        self._prepare(stage)
+
+    # ------------------------------------------------------------------ loaders
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        ds = self._encoded["train"]
+        world, rank = self._world()
+        sampler = LengthGroupedSampler(column_values(ds, "length"), hp.batch_size, world, rank, seed=hp.seed,
+                                       group_batches=hp.length_group_batches if hp.group_by_length else 1)
+        trainer = self.trainer
+
+        def progress() -> tuple[int, float]:
+            if trainer is None:
+                return 0, float("inf")
+            return trainer.fit_loop.epoch_loop.batch_progress.current.processed, trainer.num_training_batches
+
+        # Own generator: creating a loader iterator would otherwise draw from the global torch RNG, so a
+        # resumed run would see different dropout masks than an uninterrupted one.
+        loader = ResumableDataLoader(ds, batch_size=hp.batch_size, sampler=sampler, collate_fn=self._collator(),
+                                     num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+                                     progress=progress, generator=torch.Generator().manual_seed(hp.seed))
+        if self._resume_state:
+            loader.load_state_dict(self._resume_state)
+            self._resume_state = None
+        self._train_loader = loader
+        return loader
+
+    # Position in the training epoch, saved in checkpoints so a mid-epoch resume neither repeats nor skips a batch.
+    def state_dict(self) -> dict[str, Any]:
+        return self._train_loader.state_dict() if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_state = dict(state_dict) or None
+
+    def _eval_loader(self, split: str, keep: dict[str, str] | None = None) -> DataLoader:
+        ds = self._encoded[split]
+        world, rank = self._world()
+        return DataLoader(ds, batch_size=self.hparams.eval_batch_size or 2 * self.hparams.batch_size,
+                          sampler=EvalSampler(column_values(ds, "length"), world, rank), collate_fn=self._collator(keep),
+                          num_workers=self.hparams.num_workers, generator=torch.Generator().manual_seed(self.hparams.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict", keep=self._predict_keep())
