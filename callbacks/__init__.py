@@ -1,7 +1,8 @@
 """Callbacks observe and post-process; they never change the loss."""
 from callbacks.checkpoint import TaskCheckpoint
 from callbacks.export import HFExport
+from callbacks.per_type_report import PerTypeReport
 from callbacks.prediction_writer import JsonlPredictionWriter
 from callbacks.run_summary import RunSummary
 
-__all__ = ["HFExport", "JsonlPredictionWriter", "RunSummary", "TaskCheckpoint"]
+__all__ = ["HFExport", "JsonlPredictionWriter", "PerTypeReport", "RunSummary", "TaskCheckpoint"]

@@ -18,7 +18,7 @@ import yaml
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from callbacks import HFExport, JsonlPredictionWriter, RunSummary, TaskCheckpoint
+from callbacks import HFExport, JsonlPredictionWriter, PerTypeReport, RunSummary, TaskCheckpoint
 from lightning_modules import TaskModule
 
 DEFAULT_CALLBACKS = [
@@ -88,6 +88,7 @@ class FinetuneCLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(JsonlPredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(PerTypeReport, "per_type_report")
         parser.link_arguments("model.backbone", "data.init_args.tokenizer")
         parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS})
 

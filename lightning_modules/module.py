@@ -197,7 +197,7 @@ class TaskModule(L.LightningModule):
 
     def _log_epoch(self, stage: str, metrics, loss_metric) -> dict[str, Tensor]:
         # torchmetrics syncs states across processes in compute(): values are exact under DDP.
-        values = {k: v.float() for k, v in metrics.compute().items()}
+        values = {k: v if v.is_floating_point() else v.float() for k, v in metrics.compute().items()}
         values[f"{stage}/loss"] = loss_metric.compute()
         metrics.reset()
         loss_metric.reset()

@@ -32,12 +32,12 @@ def tiny_bert_config(vocab_size: int = 64, **overrides) -> dict:
     return cfg
 
 
-def write_tiny_model(folder: str, seed: int = 0, **overrides) -> str:
+def write_tiny_model(folder: str, seed: int = 0, extra_words: list[str] = (), **overrides) -> str:
     """Tokenizer + a randomly initialised 2-layer BERT saved with save_pretrained (a 'local backbone')."""
     import torch
     from transformers import AutoConfig, AutoModel
 
-    write_tokenizer(folder)
+    write_tokenizer(folder, extra_words)
     with open(os.path.join(folder, "vocab.txt")) as f:
         vocab_size = len(f.read().split())
     torch.manual_seed(seed)
@@ -106,3 +106,44 @@ def read_wandb_records(path: str) -> list:
             records.append(rec)
             pending = b""
     return records
+
+
+PERSONS = ["alice", "bob", "carol", "dave", "erin"]
+SURNAMES = ["smith", "jones", "brown"]
+PLACES = ["paris", "rome", "oslo", "lima", "cairo"]
+
+
+def toy_ner_sentences(n: int, seed: int) -> list[tuple[list[str], list[str]]]:
+    """Learnable toy NER: persons and places (one or two words) among filler words, IOB2 tags."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words, tags = [], []
+        for _ in range(rng.randint(3, 9)):
+            r = rng.random()
+            if tags and tags[-1] != "O":  # a filler word after every entity: adjacent entities are ambiguous
+                r = 1.0
+            if r < 0.2:
+                names = [rng.choice(PERSONS)] + ([rng.choice(SURNAMES)] if rng.random() < 0.5 else [])
+                words += names
+                tags += ["B-PER"] + ["I-PER"] * (len(names) - 1)
+            elif r < 0.35:
+                words.append(rng.choice(PLACES))
+                tags.append("B-LOC")
+            else:
+                words.append(rng.choice(FILLER))
+                tags.append("O")
+        out.append((words, tags))
+    return out
+
+
+def write_conll(path: str, sentences, docstart: bool = True) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        if docstart:
+            f.write("-DOCSTART- -X- -X- O\n\n")
+        for words, tags in sentences:
+            for w, t in zip(words, tags):  # noqa: B007
+                f.write(f"{w} NN I-NP {t}\n")
+            f.write("\n")
+    return path

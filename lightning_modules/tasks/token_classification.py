@@ -1,0 +1,103 @@
+"""Token classification (NER): one BIO-style tag per word, scored at entity level exactly as seqeval.
+
+Words are split into sub-tokens by the tokenizer; the DataModule aligns word tags to sub-tokens
+(the first sub-token carries the tag) and passes, per batch:
+  word_starts (B, T): index of the word whose first sub-token is at that position, else -1;
+  word_tags: list of the gold tag ids of *all* words of each sentence (also words cut by max_length).
+A word without a first sub-token in the input (cut by truncation, or dropped by the tokenizer) is
+predicted as "O", so its entities count as missed and the score never looks better than it is.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from lightning_modules.backbones import Backbone
+from lightning_modules.task import Batch, Task
+from lightning_modules.tasks.entity_metrics import EntityScores, extract_entities
+
+_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class TokenClassification(Task):
+    """Tag every word with a BIO-style tag (IOB2, IOB1 or BIOES).
+
+    Args:
+        scheme: the tagging scheme of the data; used by `mode="strict"` and to validate tags.
+        mode: entity extraction as seqeval's default mode ("default") or `mode="strict"`.
+        monitor: metric tracked by checkpoints and `val/<monitor>_best` (default `f1`).
+    """
+
+    peft_task_type = "TOKEN_CLS"
+
+    def __init__(self, scheme: Literal["IOB2", "IOB1", "BIOES"] = "IOB2",
+                 mode: Literal["default", "strict"] = "default", monitor: str = "f1") -> None:
+        self.scheme, self.mode = scheme, mode
+        self.monitor, self.monitor_mode = monitor, ("min" if monitor == "loss" else "max")
+        self.label_names: list[str] = []
+
+    def configure(self, data_info: Mapping[str, Any]) -> None:
+        self.label_names = list(data_info["label_names"])
+        if "O" not in self.label_names:
+            raise ValueError(f"The tag set has no 'O' tag: {self.label_names}")
+        self.outside = self.label_names.index("O")
+        types = {n.split("-", 1)[1] for n in self.label_names if "-" in n}
+        allowed = {"loss", "f1", "precision", "recall", "accuracy"} | {f"{m}_{t}" for m in ("f1", "precision", "recall") for t in types}
+        if self.monitor not in allowed:
+            raise ValueError(f"task.monitor='{self.monitor}' is not logged for this task; choose one of {sorted(allowed)}.")
+
+    def build_model(self, backbone: Backbone, data_info: Mapping[str, Any]) -> nn.Module:
+        from transformers import AutoModelForTokenClassification
+
+        return backbone.from_pretrained(
+            AutoModelForTokenClassification, num_labels=len(self.label_names),
+            id2label=dict(enumerate(self.label_names)), label2id={n: i for i, n in enumerate(self.label_names)},
+        )
+
+    def model_inputs(self, batch: Batch) -> dict[str, Tensor]:
+        return {k: batch[k] for k in _INPUT_KEYS if k in batch}
+
+    def loss(self, outputs: Any, batch: Batch) -> Tensor:
+        logits = outputs.logits.float()  # (B, T, num_tags)
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+    def metrics(self) -> MetricCollection:
+        return MetricCollection({"entity": EntityScores(self.label_names, self.mode, self.scheme)})
+
+    def word_predictions(self, outputs: Any, batch: Batch) -> list[list[int]]:
+        """Predicted tag id per word (first sub-token), "O" for words absent from the input."""
+        pred = outputs.logits.argmax(-1).cpu()  # (B, T)
+        starts = batch["word_starts"].cpu()
+        words = []
+        for i, n_words in enumerate(batch["num_words"].tolist()):
+            tags = [self.outside] * n_words
+            pos = (starts[i] >= 0).nonzero().flatten()
+            for p, w in zip(pos.tolist(), starts[i, pos].tolist()):
+                tags[w] = int(pred[i, p])
+            words.append(tags)
+        return words
+
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: Batch) -> None:
+        names = self.label_names
+        preds = [[names[t] for t in row] for row in self.word_predictions(outputs, batch)]
+        gold = [[names[t] for t in row] for row in batch["word_tags"]]
+        metrics.update(preds, gold)
+
+    def decode(self, outputs: Any, batch: Batch) -> list[dict[str, Any]]:
+        records = []
+        for i, row in enumerate(self.word_predictions(outputs, batch)):
+            tags = [self.label_names[t] for t in row]
+            tokens = batch["tokens"][i] if "tokens" in batch else None
+            entities = sorted(extract_entities(tags, self.mode, self.scheme), key=lambda e: e[1])
+            rec: dict[str, Any] = {"index": int(batch["index"][i])}
+            if tokens is not None:
+                rec["tokens"] = tokens
+            rec["tags"] = tags
+            # start inclusive, end exclusive (word indices)
+            rec["entities"] = [{"type": t, "start": s, "end": e + 1, **({"text": " ".join(tokens[s:e + 1])} if tokens else {})}
+                               for t, s, e in entities]
+            records.append(rec)
+        return records
