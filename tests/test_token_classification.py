@@ -216,3 +216,24 @@ def test_cli_fit_test_report_predict_and_pipeline(ner_backbone, ner_files, tmp_p
                    aggregation_strategy="first")
     groups = ner("alice smith and the paris")
     assert [(g["entity_group"], g["word"]) for g in groups] == [("PER", "alice smith"), ("LOC", "paris")]
+
+
+def test_dataset_with_classlabel_tags_and_jsonl_predict(ner_backbone, tmp_path):
+    from datasets import ClassLabel, Dataset, Features, Sequence, Value
+
+    names = ["O", "B-PER", "I-PER", "B-LOC"]
+    sents = toy_ner_sentences(30, 4)
+    feats = Features({"tokens": Sequence(Value("string")), "ner_tags": Sequence(ClassLabel(names=names))})
+    ds = Dataset.from_dict({"tokens": [w for w, _ in sents], "ner_tags": [[names.index(t) for t in tags] for _, tags in sents]},
+                           features=feats)
+    ds.to_parquet(str(tmp_path / "t.parquet"))
+    (tmp_path / "p.jsonl").write_text(json.dumps({"tokens": ["alice", "smith"]}) + "\n")
+    dm = tokc.TokenClassificationDataModule(tokenizer=ner_backbone, data_files={"train": str(tmp_path / "t.parquet")},
+                                            predict_file=str(tmp_path / "p.jsonl"))
+    dm.setup("fit")
+    assert dm.data_info["label_names"] == names  # ClassLabel order, not sorted
+    first = dm._raw["train"][0]
+    assert first["tags"] in ([t for _, t in sents[i:i + 1]][0] for i in range(30))
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["tokens"] == [["alice", "smith"]] and batch["word_tags"] == [[]]
