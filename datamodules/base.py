@@ -35,6 +35,25 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 
+SPLITS = ("train", "validation", "test")
+
+
+def check_data_args(dataset: str | None, data_files: dict[str, str] | None, predict_file: str | None, max_length: int,
+                    batch_size: int, length_group_batches: int, validation_fraction: float, min_length: int = 2) -> None:
+    """Checks shared by the task DataModules' constructors; each error names the field to fix."""
+    from datamodules.loading import DataError
+
+    if dataset is None and not data_files and predict_file is None:
+        raise DataError("Give data.dataset (a hub name) or data.data_files (local files per split).")
+    bad = set(data_files or {}) - set(SPLITS)
+    if bad:
+        raise DataError(f"data.data_files has unknown split(s) {sorted(bad)}; use {list(SPLITS)}.")
+    if max_length < min_length or batch_size < 1 or length_group_batches < 1:
+        raise DataError(f"data.max_length must be >= {min_length}, data.batch_size and data.length_group_batches >= 1.")
+    if not 0 < validation_fraction < 1:
+        raise DataError(f"data.validation_fraction must be in (0, 1), got {validation_fraction}.")
+
+
 class TokenizedDataModule(L.LightningDataModule):
     def __init__(self) -> None:
         super().__init__()

@@ -10,12 +10,11 @@ from datasets import ClassLabel, Dataset
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.base import TokenizedDataModule, tokenizer_fingerprint
+from datamodules.base import TokenizedDataModule, check_data_args, tokenizer_fingerprint
 from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split
 
 ENCODE_VERSION = 1  # bump when `encode` changes, to invalidate cached tokenizations
 ENCODE_CALLS = 0  # batches tokenized in this process (tests read it to see cache hits)
-_SPLITS = ("train", "validation", "test")
 
 
 def encode(batch: dict[str, list], indices: list[int], tokenizer, text_column: str, text_pair_column: str | None,
@@ -139,15 +138,8 @@ class TextClassificationDataModule(TokenizedDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if dataset is None and not data_files and predict_file is None:
-            raise DataError("Give data.dataset (a hub name) or data.data_files (local files per split).")
-        bad = set(data_files or {}) - set(_SPLITS)
-        if bad:
-            raise DataError(f"data.data_files has unknown split(s) {sorted(bad)}; use {list(_SPLITS)}.")
-        if max_length < 2 or batch_size < 1 or length_group_batches < 1:
-            raise DataError("data.max_length must be >= 2, data.batch_size and data.length_group_batches >= 1.")
-        if not 0 < validation_fraction < 1:
-            raise DataError(f"data.validation_fraction must be in (0, 1), got {validation_fraction}.")
+        check_data_args(dataset, data_files, predict_file, max_length, batch_size, length_group_batches,
+                        validation_fraction)
         if num_labels is not None and label_names is not None and num_labels != len(label_names):
             raise DataError(f"data.num_labels={num_labels} but data.label_names has {len(label_names)} names.")
         self.save_hyperparameters()

@@ -9,13 +9,12 @@ from datasets import ClassLabel, Dataset, Sequence
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.base import TokenizedDataModule, tokenizer_fingerprint
+from datamodules.base import SPLITS, TokenizedDataModule, check_data_args, tokenizer_fingerprint
 from datamodules.conll import check_tag, read_conll
 from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split
 
 ENCODE_VERSION = 1
 ENCODE_CALLS = 0  # batches tokenized in this process (tests read it to see cache hits)
-_SPLITS = ("train", "validation", "test")
 _CONLL_EXTENSIONS = (".conll", ".bio", ".iob", ".txt")
 _PREFIX_ORDER = {"B": 0, "I": 1, "E": 2, "S": 3}
 
@@ -155,15 +154,8 @@ class TokenClassificationDataModule(TokenizedDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if dataset is None and not data_files and predict_file is None:
-            raise DataError("Give data.dataset (a hub name) or data.data_files (local files per split).")
-        bad = set(data_files or {}) - set(_SPLITS)
-        if bad:
-            raise DataError(f"data.data_files has unknown split(s) {sorted(bad)}; use {list(_SPLITS)}.")
-        if max_length < 3 or batch_size < 1:
-            raise DataError("data.max_length must be >= 3 and data.batch_size >= 1.")
-        if not 0 < validation_fraction < 1:
-            raise DataError(f"data.validation_fraction must be in (0, 1), got {validation_fraction}.")
+        check_data_args(dataset, data_files, predict_file, max_length, batch_size, length_group_batches,
+                        validation_fraction, min_length=3)
         self.save_hyperparameters()
         self._raw: dict[str, Dataset] | None = None
         self._tag_to_id: dict[str, int] | None = None
@@ -209,9 +201,9 @@ class TokenClassificationDataModule(TokenizedDataModule):
         self._class_names = None
         files = dict(hp.data_files or {})
         splits: dict[str, Dataset] = {}
-        if hp.dataset is not None and set(_SPLITS) - set(files):
+        if hp.dataset is not None and set(SPLITS) - set(files):
             hub = load_hub_dataset(hp.dataset, hp.dataset_config)
-            for s in _SPLITS:
+            for s in SPLITS:
                 if s in hub and s not in files:
                     splits[s] = self._normalise(hub[s], s, f"{hp.dataset} {s}")
         for split, path in files.items():
