@@ -10,6 +10,7 @@ import random
 from typing import Any, Literal, Mapping
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,12 @@ def no_decay_parameter_names(model: nn.Module) -> set[str]:
             if is_norm or p_name.endswith("bias"):
                 names.add(full)
     return names
+
+
+def parameter_counts(stage: str, model: nn.Module) -> dict[str, Any]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"stage": stage, "trainable": trainable, "total": total, "share": trainable / max(total, 1)}
 
 
 def rng_states() -> dict[str, Any]:
@@ -147,8 +154,10 @@ class TaskModule(L.LightningModule):
         self.configure_task(self.data_info)
         model = self.task.build_model(self.backbone, self.data_info)
         model.train()  # from_pretrained returns eval mode; Lightning keeps the modes it finds
+        self.parameter_report = [parameter_counts("backbone + head", model)]
         for regime in self.regimes:
             model = regime.configure_model(model, self.task)
+            self.parameter_report.append(parameter_counts(f"after {regime.tag()}", model))
         self.model = model
         self.val_metrics = self.task.metrics().clone(prefix="val/")
         self.test_metrics = self.task.metrics().clone(prefix="test/")
@@ -264,6 +273,17 @@ class TaskModule(L.LightningModule):
     def on_fit_start(self) -> None:
         for regime in self.regimes:
             regime.on_fit_start(self)
+        final = self.parameter_report[-1]
+        lines = [f"  {r['stage']:<24} trainable {r['trainable']:>12,} of {r['total']:>12,} ({100 * r['share']:.3f} %)"
+                 for r in self.parameter_report]
+        rank_zero_info("Trainable parameters:\n" + "\n".join(lines))
+        for logger in self.loggers:
+            logger.log_metrics({"params/trainable": final["trainable"], "params/total": final["total"],
+                                "params/trainable_share": final["share"]}, step=0)
+
+    def on_train_epoch_start(self) -> None:
+        for regime in self.regimes:
+            regime.on_train_epoch_start(self)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         for regime in self.regimes:

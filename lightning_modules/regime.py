@@ -36,6 +36,9 @@ class Regime:
     def on_fit_start(self, module: "TaskModule") -> None:
         """Called once when fitting starts, on the right device."""
 
+    def on_train_epoch_start(self, module: "TaskModule") -> None:
+        """Called at the start of every training epoch (e.g. gradual unfreezing)."""
+
     def on_before_optimizer_step(self, module: "TaskModule", optimizer: Optimizer) -> None:
         """Called after gradients are ready and before each optimizer step."""
 

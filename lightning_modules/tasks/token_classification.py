@@ -60,8 +60,15 @@ class TokenClassification(Task):
     def model_inputs(self, batch: Batch) -> dict[str, Tensor]:
         return {k: batch[k] for k in _INPUT_KEYS if k in batch}
 
+    @staticmethod
+    def token_logits(outputs: Any, batch: Batch) -> Tensor:
+        """(B, T, num_tags) aligned with the input; prompt-style PEFT methods prepend virtual tokens,
+        whose positions are dropped here."""
+        logits = outputs.logits
+        return logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]
+
     def loss(self, outputs: Any, batch: Batch) -> Tensor:
-        logits = outputs.logits.float()  # (B, T, num_tags)
+        logits = self.token_logits(outputs, batch).float()  # (B, T, num_tags)
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
 
     def metrics(self) -> MetricCollection:
@@ -69,7 +76,7 @@ class TokenClassification(Task):
 
     def word_predictions(self, outputs: Any, batch: Batch) -> list[list[int]]:
         """Predicted tag id per word (first sub-token), "O" for words absent from the input."""
-        pred = outputs.logits.argmax(-1).cpu()  # (B, T)
+        pred = self.token_logits(outputs, batch).argmax(-1).cpu()  # (B, T)
         starts = batch["word_starts"].cpu()
         words = []
         for i, n_words in enumerate(batch["num_words"].tolist()):

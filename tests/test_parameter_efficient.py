@@ -1,0 +1,120 @@
+"""PEFT, BitFit and Freeze regimes on both tasks: exactly which parameters move, and their errors."""
+import re
+
+import pytest
+import torch
+
+from datamodules import TextClassificationDataModule, TokenClassificationDataModule
+from lightning_modules import TaskModule
+from lightning_modules.regimes import BitFit, Freeze, Peft
+from lightning_modules.tasks import SequenceClassification, TokenClassification
+from tests.helpers import PERSONS, PLACES, SURNAMES, toy_ner_sentences, write_conll, write_tiny_model
+from tests.utils import make_trainer
+
+PEFT_CASES = {
+    "lora": ("LORA", {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}, r"lora_"),
+    "dora": ("LORA", {"r": 4, "target_modules": ["query", "value"], "use_dora": True}, r"lora_"),
+    "rslora": ("LORA", {"r": 4, "target_modules": ["query", "value"], "use_rslora": True}, r"lora_"),
+    "adalora": ("ADALORA", {"init_r": 6, "target_r": 2, "tinit": 0, "tfinal": 0, "deltaT": 1,
+                            "target_modules": ["query", "value"]}, r"lora_"),
+    "ia3": ("IA3", {"target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]}, r"ia3_"),
+    "prefix": ("PREFIX_TUNING", {"num_virtual_tokens": 4}, r"prompt_encoder"),
+    "prompt": ("PROMPT_TUNING", {"num_virtual_tokens": 4}, r"prompt_encoder"),
+    "ptuning": ("P_TUNING", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}, r"prompt_encoder"),
+}
+
+
+@pytest.fixture(scope="module")
+def setup_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pe")
+    backbone = write_tiny_model(str(d / "tiny"), extra_words=PERSONS + PLACES + SURNAMES)
+    from tests.helpers import toy_sentiment_rows, write_jsonl
+
+    cls_files = {"train": write_jsonl(str(d / "t.jsonl"), toy_sentiment_rows(64, 0)),
+                 "validation": write_jsonl(str(d / "v.jsonl"), toy_sentiment_rows(16, 1))}
+    ner_files = {"train": write_conll(str(d / "t.conll"), toy_ner_sentences(64, 0)),
+                 "validation": write_conll(str(d / "v.conll"), toy_ner_sentences(16, 1))}
+    return backbone, cls_files, ner_files
+
+
+def _run(setup_data, task_name, regimes, steps=3):
+    backbone, cls_files, ner_files = setup_data
+    if task_name == "seq":
+        dm = TextClassificationDataModule(tokenizer=backbone, data_files=cls_files, batch_size=8)
+        task = SequenceClassification()
+    else:
+        dm = TokenClassificationDataModule(tokenizer=backbone, data_files=ner_files, batch_size=8)
+        task = TokenClassification()
+    module = TaskModule(task, backbone=backbone, regimes=regimes, lr=1e-2)
+    dm.setup("fit")
+    module.build(dm.data_info)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    trainer = make_trainer(".", max_epochs=1, limit_train_batches=steps, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    moved = {n for n, p in module.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    return module, trainer, trainable, moved
+
+
+@pytest.mark.parametrize("task_name", ["seq", "token"])
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+def test_peft_methods_train_only_adapter_and_head(setup_data, task_name, case):
+    peft_type, config, adapter_pattern = PEFT_CASES[case]
+    module, trainer, trainable, moved = _run(setup_data, task_name, [Peft(peft_type, config)])
+    is_adapter = lambda n: re.search(adapter_pattern, n) is not None  # noqa: E731
+    is_head = lambda n: "classifier" in n  # noqa: E731
+    assert moved and moved <= trainable  # frozen parameters are bit-identical
+    assert all(is_adapter(n) or is_head(n) for n in trainable), sorted(n for n in trainable if not (is_adapter(n) or is_head(n)))
+    assert any(is_adapter(n) for n in moved) and any(is_head(n) for n in moved)  # the head is never silently frozen
+    if peft_type == "ADALORA":
+        budgets = [float(v) for k, v in trainer.callback_metrics.items() if k == "train/adalora_budget"]
+        assert budgets  # logged every optimizer step
+
+
+def test_adalora_budget_shrinks_as_configured(setup_data):
+    config = {"init_r": 8, "target_r": 2, "tinit": 1, "tfinal": 1, "deltaT": 1, "target_modules": ["query", "value"]}
+    module, trainer, _, _ = _run(setup_data, "seq", [Peft("ADALORA", config)], steps=8)
+    alloc = module.model.base_model.rankallocator
+    start_budget = alloc.init_bgt
+    end_budget = alloc.budget_schedule(trainer.global_step)[0]
+    assert end_budget < start_budget and end_budget == alloc.target_bgt
+    ranks = [int(sum(m)) for m in (module.model.peft_config["default"].rank_pattern or {}).values()]
+    assert ranks and sum(ranks) <= alloc.target_bgt  # the kept ranks fit the final budget
+
+
+@pytest.mark.parametrize("task_name", ["seq", "token"])
+def test_bitfit_trains_biases_and_head(setup_data, task_name):
+    _, _, trainable, moved = _run(setup_data, task_name, [BitFit()])
+    assert trainable == {n for n in trainable if n.endswith("bias") or n.startswith("classifier")}
+    assert any(n.startswith("classifier") for n in moved) and any(n.endswith("bias") and "classifier" not in n for n in moved)
+    assert moved <= trainable
+
+
+@pytest.mark.parametrize("task_name", ["seq", "token"])
+def test_freeze_embeddings_and_bottom_layer(setup_data, task_name):
+    _, _, trainable, moved = _run(setup_data, task_name, [Freeze(embeddings=True, layers=1)])
+    frozen = {n for n in {n for n in moved} | trainable if ".embeddings." in n or ".layer.0." in n}
+    assert not frozen
+    assert any(".layer.1." in n for n in moved) and moved <= trainable
+
+
+def test_gradual_unfreezing(setup_data):
+    backbone, cls_files, _ = setup_data
+    dm = TextClassificationDataModule(tokenizer=backbone, data_files=cls_files, batch_size=8)
+    regime = Freeze(embeddings=True, layers=2, unfreeze_every_epochs=1)
+    module = TaskModule(SequenceClassification(), backbone=backbone, regimes=[regime], lr=1e-2)
+    trainer = make_trainer(".", max_epochs=2, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    # epoch 1 unfroze the top frozen layer (layer 1), which then trained; layer 0 and embeddings stay frozen
+    assert all(p.requires_grad for p in module.model.bert.encoder.layer[1].parameters())
+    assert not any(p.requires_grad for p in module.model.bert.encoder.layer[0].parameters())
+    assert len(regime._frozen) == 2
+
+
+def test_regime_errors():
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['rank'\]"):
+        Peft("LORA", {"rank": 8})
+    with pytest.raises(ValueError, match="unknown peft_type 'LORAX'"):
+        Peft("LORAX")
+    with pytest.raises(ValueError, match="layers must be >= 0"):
+        Freeze(layers=-1)
