@@ -65,7 +65,7 @@ class TokenClassification(Task):
         """(B, T, num_tags) aligned with the input; prompt-style PEFT methods prepend virtual tokens,
         whose positions are dropped here."""
         logits = outputs.logits
-        return logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]
+        return logits[:, logits.shape[1] - batch["word_starts"].shape[1]:]
 
     def loss(self, outputs: Any, batch: Batch) -> Tensor:
         logits = self.token_logits(outputs, batch).float()  # (B, T, num_tags)
