@@ -49,6 +49,18 @@ def parameter_counts(stage: str, model: nn.Module) -> dict[str, Any]:
     return {"stage": stage, "trainable": trainable, "total": total, "share": trainable / max(total, 1)}
 
 
+def frozen_fingerprint(model: nn.Module) -> str:
+    """A hash of the frozen parameters (names, shapes, sums): tells whether a rebuilt base matches."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            t = p.detach().double()
+            h.update(f"{name}:{tuple(p.shape)}:{float(t.sum()):.6e}:{float(t.abs().sum()):.6e}".encode())
+    return h.hexdigest()
+
+
 def rng_states() -> dict[str, Any]:
     # Only tensors and plain Python values: checkpoints must load with torch.load(weights_only=True).
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -124,6 +136,9 @@ class TaskModule(L.LightningModule):
             self.hparams.pop("regimes", None)
         self.task = task
         self.regimes = regimes
+        self.trainable_only_checkpoint = any(r.trainable_only_checkpoint for r in regimes)
+        # adapter-only checkpoints lack the frozen base: on_load_checkpoint checks what is missing instead
+        self.strict_loading = not self.trainable_only_checkpoint
         self.backbone = Backbone(backbone, backbone_config)
         self.model: nn.Module | None = None
         self.data_info: dict[str, Any] | None = None
@@ -293,6 +308,11 @@ class TaskModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["data_info"] = self.data_info
         checkpoint["rng_states"] = rng_states()  # an exact resume also needs dropout's random stream
+        if self.trainable_only_checkpoint:
+            frozen = {f"model.{n}" for n, p in self._require_model().named_parameters() if not p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+            checkpoint["frozen_base"] = {"backbone": self.backbone.name, "fingerprint": frozen_fingerprint(self.model),
+                                         "keys": len(frozen)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("data_info")
@@ -305,6 +325,16 @@ class TaskModule(L.LightningModule):
                 f"The checkpoint was trained with data {saved}, but the current data gives {self.data_info}. "
                 "Use the same label set (e.g. pass data.label_names) or a matching checkpoint."
             )
+        if "frozen_base" in checkpoint:
+            saved_base = checkpoint["frozen_base"]
+            if frozen_fingerprint(self.model) != saved_base["fingerprint"]:
+                raise ValueError(
+                    f"This checkpoint holds only trainable weights, trained on the frozen base '{saved_base['backbone']}', "
+                    f"but the base rebuilt from model.backbone='{self.backbone.name}' has different weights. "
+                    "Use the backbone the checkpoint was trained with.")
+            missing = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad} - set(checkpoint["state_dict"])
+            if missing:
+                raise ValueError(f"The checkpoint lacks trainable weights {sorted(missing)[:5]}: it does not match these regimes.")
         if "rng_states" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
             set_rng_states(checkpoint["rng_states"])
 

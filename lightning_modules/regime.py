@@ -20,6 +20,8 @@ class Regime:
     """Base of all regimes. Override only the hooks you need."""
 
     name: str | None = None  # used in run tags; defaults to the class name
+    # True: checkpoints keep only trainable weights; the frozen base is rebuilt from its source on load
+    trainable_only_checkpoint: bool = False
 
     def configure_model(self, model: nn.Module, task: Task) -> nn.Module:
         """Change or wrap the model (peft, freezing, BitFit). Return the model to train."""

@@ -118,3 +118,78 @@ def test_regime_errors():
         Peft("LORAX")
     with pytest.raises(ValueError, match="layers must be >= 0"):
         Freeze(layers=-1)
+
+
+# ---------------------------------------------------------------- adapter-only checkpoints, resume, export
+def _lora():
+    return Peft("LORA", {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]})
+
+
+class StopAfterFirstEpoch(__import__("lightning").Callback):
+    """Ends a 2-epoch run after epoch 0, like an interruption (the LR schedule still spans 2 epochs)."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def _fit(setup_data, tmp, regimes, epochs, ckpt_path=None, export=None, backbone=None, stop_early=False):
+    import lightning as L
+
+    from callbacks import TaskCheckpoint
+
+    base, cls_files, _ = setup_data
+    L.seed_everything(0)
+    dm = TextClassificationDataModule(tokenizer=backbone or base, data_files=cls_files, batch_size=8)
+    module = TaskModule(SequenceClassification(), backbone=backbone or base, regimes=regimes, lr=1e-2)
+    callbacks = [TaskCheckpoint(dirpath=str(tmp / "ckpt"))] + ([export] if export else []) + (
+        [StopAfterFirstEpoch()] if stop_early else [])
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=callbacks, default_root_dir=str(tmp), num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return module, trainer, dm
+
+
+def test_adapter_only_checkpoint_is_small_and_resume_equals_uninterrupted(setup_data, tmp_path):
+    import os
+
+    full_module, full_trainer, _ = _fit(setup_data, tmp_path / "plain", [], 1)
+    full_size = os.path.getsize(tmp_path / "plain" / "ckpt" / "last.ckpt")
+    _, first, _ = _fit(setup_data, tmp_path / "a", [_lora()], 2, stop_early=True)
+    assert first.current_epoch == 1
+    last = str(tmp_path / "a" / "ckpt" / "last.ckpt")
+    ckpt = torch.load(last, weights_only=True)
+    assert all("lora_" in k or "classifier" in k for k in ckpt["state_dict"] if k.startswith("model."))
+    assert os.path.getsize(last) < 0.35 * full_size
+    _, resumed, _ = _fit(setup_data, tmp_path / "b", [_lora()], 2, ckpt_path=last)
+    _, straight, _ = _fit(setup_data, tmp_path / "c", [_lora()], 2)
+    for key in ("val/accuracy", "val/loss"):
+        assert float(resumed.callback_metrics[key]) == float(straight.callback_metrics[key])
+
+
+def test_checkpoint_on_a_different_base_is_refused(setup_data, tmp_path):
+    _fit(setup_data, tmp_path / "a", [_lora()], 1)
+    other = write_tiny_model(str(tmp_path / "other"), seed=123, extra_words=PERSONS + PLACES + SURNAMES)
+    with pytest.raises(ValueError, match="different weights"):
+        _fit(setup_data, tmp_path / "b", [_lora()], 2, ckpt_path=str(tmp_path / "a" / "ckpt" / "last.ckpt"), backbone=other)
+
+
+def test_export_adapter_and_merged_predict_like_the_trained_model(setup_data, tmp_path):
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    from callbacks import HFExport
+
+    export = HFExport(dirpath=str(tmp_path / "export"), use_best=False, merged=True)
+    module, _, dm = _fit(setup_data, tmp_path, [_lora()], 2, export=export)
+    batch = next(iter(dm.val_dataloader()))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    module.eval()
+    with torch.no_grad():
+        ours = module.model(**inputs).logits
+        adapter = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "export")).eval()(**inputs).logits
+        merged_model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "export" / "merged")).eval()
+        merged = merged_model(**inputs).logits
+    torch.testing.assert_close(adapter, ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged, ours, atol=1e-4, rtol=1e-4)
+    clf = pipeline("text-classification", model=str(tmp_path / "export" / "merged"))
+    assert clf("the movie was great")[0]["label"] in ("negative", "positive")

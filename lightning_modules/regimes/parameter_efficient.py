@@ -36,6 +36,7 @@ class Peft(Regime):
     """
 
     name = "peft"
+    trainable_only_checkpoint = True
 
     def __init__(self, peft_type: str, config: dict[str, Any] | None = None,
                  modules_to_save: list[str] | None = None) -> None:
