@@ -115,6 +115,7 @@ class BitFit(Regime):
     """
 
     name = "bitfit"
+    trainable_only_checkpoint = True  # biases + head; the frozen weights come back from the backbone
 
     def __init__(self, train_head: bool = True) -> None:
         self.train_head = train_head
