@@ -29,6 +29,9 @@ SYSTEMS = {
     "full": dict(lr=5e-5, regimes=[]),
     "lora": dict(lr=5e-4, regimes=[("Peft", dict(peft_type="LORA", config=dict(r=8, lora_alpha=16, lora_dropout=0.1,
                                                                               target_modules=["query", "value"])))]),
+    # the same LoRA with a larger scaling (alpha / r = 4): the issue fixes r and lr, not alpha
+    "lora_alpha32": dict(lr=5e-4, regimes=[("Peft", dict(peft_type="LORA", config=dict(
+        r=8, lora_alpha=32, lora_dropout=0.05, target_modules=["query", "value"])))]),
     "bitfit": dict(lr=1e-3, regimes=[("BitFit", {})]),
     "ia3": dict(lr=3e-3, regimes=[("Peft", dict(peft_type="IA3", config=dict(target_modules=["key", "value", "output.dense"],
                                                                             feedforward_modules=["output.dense"])))]),

@@ -193,3 +193,49 @@ def test_export_adapter_and_merged_predict_like_the_trained_model(setup_data, tm
     torch.testing.assert_close(merged, ours, atol=1e-4, rtol=1e-4)
     clf = pipeline("text-classification", model=str(tmp_path / "export" / "merged"))
     assert clf("the movie was great")[0]["label"] in ("negative", "positive")
+
+
+def test_peft_method_that_does_not_fit_the_task_or_model(setup_data):
+    from lightning_modules import Task
+
+    class NoPeftTask(SequenceClassification):
+        peft_task_type = None
+
+    base, _, _ = setup_data
+    module = TaskModule(NoPeftTask(), backbone=base, regimes=[_lora()])
+    with pytest.raises(ValueError, match="declares no peft task type"):
+        module.build({"problem_type": "single_label_classification", "label_names": ["a", "b"]})
+    module = TaskModule(SequenceClassification(), backbone=base,
+                        regimes=[Peft("LORA", {"r": 4, "target_modules": ["no_such_module"]})])
+    with pytest.raises(ValueError, match=r"Peft\(LORA\) does not fit this model/task"):
+        module.build({"problem_type": "single_label_classification", "label_names": ["a", "b"]})
+    assert issubclass(NoPeftTask, Task)
+
+
+def test_lora_run_killed_and_resumed_from_cli_equals_uninterrupted(setup_data, tmp_path):
+    import json
+    import os
+    import signal
+
+    from tests.utils import cli_config, run_cli
+
+    base, cls_files, _ = setup_data
+    cfg = cli_config(tmp_path, base, cls_files, **{
+        "model.regimes": [{"class_path": "lightning_modules.regimes.Peft",
+                           "init_args": {"peft_type": "LORA", "config": {"r": 4, "target_modules": ["query", "value"]}}}],
+        "trainer.max_epochs": 3, "trainer.logger": False, "checkpoint.every_n_train_steps": 3})
+    root = str(tmp_path / "runs")
+    run_cli(["fit", "-c", cfg, "--run_root", root, "--experiment", "full"], cwd=tmp_path)
+    kill = json.dumps({"class_path": "tests.test_resume_ddp.KillAt", "init_args": {"step": 10}})
+    killed = run_cli(["fit", "-c", cfg, "--run_root", root, "--experiment", "killed", "--trainer.callbacks+", kill],
+                     cwd=tmp_path, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    ckpt = torch.load(os.path.join(root, "killed", "version_0", "checkpoints", "last.ckpt"), weights_only=True)
+    assert "frozen_base" in ckpt and all("lora_" in k or "classifier" in k for k in ckpt["state_dict"] if k.startswith("model."))
+    run_cli(["fit", "-c", cfg, "--run_root", root, "--experiment", "killed", "--ckpt_path", "last"], cwd=tmp_path)
+    finals = []
+    for exp, version in (("full", 0), ("killed", 1)):
+        with open(os.path.join(root, exp, f"version_{version}", "final_metrics.json")) as f:
+            finals.append(json.load(f))
+    for key in ("val/accuracy", "val/loss", "val/accuracy_best"):
+        assert finals[0][key] == finals[1][key], key
