@@ -297,8 +297,6 @@ class TextClassificationDataModule(TokenizedDataModule):
         needed = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"], "predict": []}.get(
             stage or "fit", ["train", "validation"])
         raw = self._raw_splits(set(needed)) if (hp.dataset or hp.data_files) else {}
-        if "train" in raw and self.data_info is None:
-            self._labels_from_train(raw["train"])
         for split in needed:
             if split not in raw:
                 raise DataError(f"Stage '{stage}' needs a {split} split: add data.data_files.{split} "

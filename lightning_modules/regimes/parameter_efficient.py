@@ -84,8 +84,6 @@ class Peft(Regime):
             for name in heads:
                 for p in getattr(peft_model.base_model, name).parameters():
                     p.requires_grad_(True)
-        elif self.modules_to_save == [] and "modules_to_save" not in fields:
-            pass
         return peft_model
 
     def on_fit_start(self, module: "TaskModule") -> None:
