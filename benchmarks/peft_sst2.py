@@ -23,14 +23,24 @@ import time
 for _k, _v in dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false").items():
     os.environ.setdefault(_k, _v)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("FINETUNE_SHARED", os.path.join(REPO, "..", "shared"))
+from common import REPO, sst2_setup  # noqa: E402  (benchmarks/common.py)
+
 SYSTEMS = {
     "full": dict(lr=5e-5, regimes=[]),
     "lora": dict(lr=5e-4, regimes=[("Peft", dict(peft_type="LORA", config=dict(r=8, lora_alpha=16, lora_dropout=0.1,
                                                                               target_modules=["query", "value"])))]),
     # the same LoRA with a larger scaling (alpha / r = 4): the issue fixes r and lr, not alpha
     "lora_alpha32": dict(lr=5e-4, regimes=[("Peft", dict(peft_type="LORA", config=dict(
+        r=8, lora_alpha=32, lora_dropout=0.05, target_modules=["query", "value"])))]),
+    "lora_alpha64": dict(lr=5e-4, regimes=[("Peft", dict(peft_type="LORA", config=dict(
+        r=8, lora_alpha=64, lora_dropout=0.05, target_modules=["query", "value"])))]),
+    # rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023): 16 / sqrt(8) = 5.7
+    "lora_rslora": dict(lr=5e-4, regimes=[("Peft", dict(peft_type="LORA", config=dict(
+        r=8, lora_alpha=16, lora_dropout=0.05, use_rslora=True, target_modules=["query", "value"])))]),
+    # LoRA as above with the BERT pooler (read only by the classifier) trained next to the classifier
+    "lora_pooler": dict(lr=5e-4, regimes=[("Peft", dict(peft_type="LORA", modules_to_save=["classifier", "pooler"], config=dict(
+        r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])))]),
+    "lora_pooler_alpha32": dict(lr=5e-4, regimes=[("Peft", dict(peft_type="LORA", modules_to_save=["classifier", "pooler"], config=dict(
         r=8, lora_alpha=32, lora_dropout=0.05, target_modules=["query", "value"])))]),
     "bitfit": dict(lr=1e-3, regimes=[("BitFit", {})]),
     "ia3": dict(lr=3e-3, regimes=[("Peft", dict(peft_type="IA3", config=dict(target_modules=["key", "value", "output.dense"],
@@ -42,18 +52,9 @@ def child(name: str, n_train: int | None, out: str) -> None:
     import lightning as L
 
     from callbacks import TaskCheckpoint
-    from datamodules import TextClassificationDataModule
-    from lightning_modules import TaskModule, regimes
-    from lightning_modules.tasks import SequenceClassification
 
     spec = SYSTEMS[name]
-    L.seed_everything(42)
-    data = os.path.join(SHARED, "data", "sst2")
-    dm = TextClassificationDataModule(tokenizer="minilm", data_files={"train": f"{data}/train.tsv", "validation": f"{data}/validation.tsv"},
-                                      text_column="sentence", label_names=["negative", "positive"], max_length=64,
-                                      batch_size=32, max_train_samples=n_train, seed=42)
-    module = TaskModule(SequenceClassification(), backbone="minilm", lr=spec["lr"], weight_decay=0.01, warmup=0.06,
-                        regimes=[getattr(regimes, cls)(**kw) for cls, kw in spec["regimes"]])
+    dm, module = sst2_setup(spec["lr"], spec["regimes"], n_train)
 
     class Timer(L.Callback):
         def on_train_start(self, trainer, pl_module):

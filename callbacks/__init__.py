@@ -3,6 +3,7 @@ from callbacks.checkpoint import TaskCheckpoint
 from callbacks.export import HFExport
 from callbacks.per_type_report import PerTypeReport
 from callbacks.prediction_writer import JsonlPredictionWriter
+from callbacks.robustness import RobustnessEval
 from callbacks.run_summary import RunSummary
 
-__all__ = ["HFExport", "JsonlPredictionWriter", "PerTypeReport", "RunSummary", "TaskCheckpoint"]
+__all__ = ["HFExport", "JsonlPredictionWriter", "PerTypeReport", "RobustnessEval", "RunSummary", "TaskCheckpoint"]

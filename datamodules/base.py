@@ -125,8 +125,8 @@ class TokenizedDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_state = dict(state_dict) or None
 
-    def _eval_loader(self, split: str, keep: dict[str, str] | None = None) -> DataLoader:
-        ds = self._encoded[split]
+    def _eval_loader(self, split: str | Dataset, keep: dict[str, str] | None = None) -> DataLoader:
+        ds = self._encoded[split] if isinstance(split, str) else split
         world, rank = self._world()
         return DataLoader(ds, batch_size=self.hparams.eval_batch_size or 2 * self.hparams.batch_size,
                           sampler=EvalSampler(column_values(ds, "length"), world, rank), collate_fn=self._collator(keep),
@@ -140,3 +140,15 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader("predict", keep=self._predict_keep())
+
+    # ------------------------------------------------------------------ robustness
+    def _noisy_split(self, split: str, fraction: float, seed: int) -> Dataset:
+        """The split's raw rows with word noise (see `datamodules.noise`), encoded like the split."""
+        raise NotImplementedError
+
+    def noisy_dataloader(self, split: str = "validation", fraction: float = 0.1, seed: int = 0) -> DataLoader:
+        """An evaluation loader over `split` with one character swap or deletion in `fraction` of the
+        words of every example (seeded per example, so the same rows under any batching or DDP)."""
+        if split not in self._encoded:
+            raise ValueError(f"noisy_dataloader: the {split} split is not set up (set up: {sorted(self._encoded)}).")
+        return self._eval_loader(self._noisy_split(split, fraction, seed))

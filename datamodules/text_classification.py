@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.base import TokenizedDataModule, check_data_args, tokenizer_fingerprint
 from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split
+from datamodules.noise import example_rng, perturb_text
 
 ENCODE_VERSION = 1  # bump when `encode` changes, to invalidate cached tokenizations
 ENCODE_CALLS = 0  # batches tokenized in this process (tests read it to see cache hits)
@@ -309,6 +310,18 @@ class TextClassificationDataModule(TokenizedDataModule):
         if stage == "predict" and "predict" not in self._encoded:
             self._encoded["predict"] = self._encode_split("predict", self._load_predict(), with_labels=False,
                                                           keep=tuple(self._text_keys().values()))
+
+    def _noisy_split(self, split: str, fraction: float, seed: int) -> Dataset:
+        columns = list(self._text_keys().values())
+
+        def add_noise(row: dict[str, Any], index: int) -> dict[str, Any]:
+            rng = example_rng(seed, index)
+            return {c: perturb_text(row[c], fraction, rng) for c in columns}
+
+        raw = self._raw_splits({split})[split]
+        noisy = raw.map(add_noise, with_indices=True, desc=f"Word noise {fraction:g} on {split}",
+                        new_fingerprint=Hasher.hash([raw._fingerprint, "word-noise", columns, fraction, seed]))
+        return self._encode_split(f"{split} (word noise {fraction:g})", noisy)
 
     def _text_keys(self) -> dict[str, str]:
         keys = {"text": self.hparams.text_column}

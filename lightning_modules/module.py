@@ -193,8 +193,8 @@ class TaskModule(L.LightningModule):
         return self.model
 
     # ---------------------------------------------------------------- steps
-    def base_loss(self, batch: Batch) -> StepOutput:
-        outputs = self.task.forward(self._require_model(), batch)
+    def base_loss(self, batch: Batch, inputs_embeds: Tensor | None = None) -> StepOutput:
+        outputs = self.task.forward(self._require_model(), batch, inputs_embeds=inputs_embeds)
         return StepOutput(loss=self.task.loss(outputs, batch), outputs=outputs)
 
     def forward(self, batch: Batch) -> Any:

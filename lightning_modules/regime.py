@@ -28,7 +28,10 @@ class Regime:
         return model
 
     def wrap_loss(self, loss_fn: LossFn, module: "TaskModule") -> LossFn:
-        """Wrap the training loss like middleware (adversarial, distillation, penalties)."""
+        """Wrap the training loss like middleware (adversarial, distillation, penalties).
+
+        The wrapped function is `loss_fn(batch, inputs_embeds=None) -> StepOutput`; a wrapper passes
+        `inputs_embeds` on (adversarial regimes use it to feed perturbed embeddings)."""
         return loss_fn
 
     def parameter_groups(self, module: "TaskModule") -> list[dict[str, Any]]:

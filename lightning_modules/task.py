@@ -25,7 +25,8 @@ class StepOutput:
     logs: dict[str, Tensor] = field(default_factory=dict)  # extra scalars, logged as train/<key>
 
 
-LossFn = Callable[[Batch], StepOutput]
+# loss_fn(batch, inputs_embeds=None): `inputs_embeds` (B, T, H) replaces the embedding lookup (adversarial regimes)
+LossFn = Callable[..., StepOutput]
 
 
 class Task:

@@ -147,3 +147,14 @@ def write_conll(path: str, sentences, docstart: bool = True) -> str:
                 f.write(f"{w} NN I-NP {t}\n")
             f.write("\n")
     return path
+
+
+def write_two_task_data(folder: str, **model_overrides) -> tuple[str, dict, dict]:
+    """A tiny backbone that knows the NER toy words, plus toy sentiment (jsonl) and NER (CoNLL) files
+    (64 training and 16 validation rows each): (backbone, classification files, NER files)."""
+    backbone = write_tiny_model(os.path.join(folder, "tiny"), extra_words=PERSONS + PLACES + SURNAMES, **model_overrides)
+    cls_files = {"train": write_jsonl(os.path.join(folder, "t.jsonl"), toy_sentiment_rows(64, 0)),
+                 "validation": write_jsonl(os.path.join(folder, "v.jsonl"), toy_sentiment_rows(16, 1))}
+    ner_files = {"train": write_conll(os.path.join(folder, "t.conll"), toy_ner_sentences(64, 0)),
+                 "validation": write_conll(os.path.join(folder, "v.conll"), toy_ner_sentences(16, 1))}
+    return backbone, cls_files, ner_files

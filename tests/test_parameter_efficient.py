@@ -4,12 +4,12 @@ import re
 import pytest
 import torch
 
-from datamodules import TextClassificationDataModule, TokenClassificationDataModule
+from datamodules import TextClassificationDataModule
 from lightning_modules import TaskModule
 from lightning_modules.regimes import BitFit, Freeze, Peft
-from lightning_modules.tasks import SequenceClassification, TokenClassification
-from tests.helpers import PERSONS, PLACES, SURNAMES, toy_ner_sentences, write_conll, write_tiny_model
-from tests.utils import make_trainer
+from lightning_modules.tasks import SequenceClassification
+from tests.helpers import PERSONS, PLACES, SURNAMES, write_tiny_model, write_two_task_data
+from tests.utils import make_trainer, task_setup
 
 PEFT_CASES = {
     "lora": ("LORA", {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}, r"lora_"),
@@ -26,28 +26,11 @@ PEFT_CASES = {
 
 @pytest.fixture(scope="module")
 def setup_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pe")
-    backbone = write_tiny_model(str(d / "tiny"), extra_words=PERSONS + PLACES + SURNAMES)
-    from tests.helpers import toy_sentiment_rows, write_jsonl
-
-    cls_files = {"train": write_jsonl(str(d / "t.jsonl"), toy_sentiment_rows(64, 0)),
-                 "validation": write_jsonl(str(d / "v.jsonl"), toy_sentiment_rows(16, 1))}
-    ner_files = {"train": write_conll(str(d / "t.conll"), toy_ner_sentences(64, 0)),
-                 "validation": write_conll(str(d / "v.conll"), toy_ner_sentences(16, 1))}
-    return backbone, cls_files, ner_files
+    return write_two_task_data(str(tmp_path_factory.mktemp("pe")))
 
 
 def _run(setup_data, task_name, regimes, steps=3):
-    backbone, cls_files, ner_files = setup_data
-    if task_name == "seq":
-        dm = TextClassificationDataModule(tokenizer=backbone, data_files=cls_files, batch_size=8)
-        task = SequenceClassification()
-    else:
-        dm = TokenClassificationDataModule(tokenizer=backbone, data_files=ner_files, batch_size=8)
-        task = TokenClassification()
-    module = TaskModule(task, backbone=backbone, regimes=regimes, lr=1e-2)
-    dm.setup("fit")
-    module.build(dm.data_info)
+    module, dm = task_setup(setup_data, task_name, regimes)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
     trainer = make_trainer(".", max_epochs=1, limit_train_batches=steps, limit_val_batches=1, num_sanity_val_steps=0)

@@ -1,0 +1,28 @@
+"""What the SST-2 benchmark scripts share: the data settings of benchmarks/accuracy_sst2.py and the module."""
+from __future__ import annotations
+
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("FINETUNE_SHARED", os.path.join(REPO, "..", "shared"))
+
+
+def sst2_setup(lr: float, regime_specs: list, n_train: int | None = None):
+    """(datamodule, module) for minilm on SST-2: max_length 64, batch 32, warmup 6 %, weight decay 0.01, seed 42.
+
+    `regime_specs` is a list of (class name in `lightning_modules.regimes`, init kwargs).
+    """
+    import lightning as L
+
+    from datamodules import TextClassificationDataModule
+    from lightning_modules import TaskModule, regimes
+    from lightning_modules.tasks import SequenceClassification
+
+    L.seed_everything(42)
+    data = os.path.join(SHARED, "data", "sst2")
+    dm = TextClassificationDataModule(tokenizer="minilm", data_files={"train": f"{data}/train.tsv", "validation": f"{data}/validation.tsv"},
+                                      text_column="sentence", label_names=["negative", "positive"], max_length=64,
+                                      batch_size=32, max_train_samples=n_train, seed=42)
+    module = TaskModule(SequenceClassification(), backbone="minilm", lr=lr, weight_decay=0.01, warmup=0.06,
+                        regimes=[getattr(regimes, cls)(**kw) for cls, kw in regime_specs])
+    return dm, module

@@ -1,0 +1,112 @@
+"""Robustness evaluation: the validation metric under an embedding-space PGD attack and under word noise."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_modules.regimes.adversarial import Norm, embed, pgd_attack, token_mask
+
+
+class RobustnessEval(L.Callback):
+    """After each validation (`finetune fit` and `finetune validate`), logs next to the clean metric:
+
+    - `val/<metric>_adv@<eps>`: the metric under an L2 (or L-inf) PGD attack of radius eps per example on the
+      input embeddings, `attack_steps` steps of `attack_step_size` (default 2.5 * eps / steps) that maximise
+      the task loss for the true labels;
+    - `val/<metric>_noise@<fraction>`: the metric on the validation text with one character swap or deletion
+      in that fraction of the words (seeded per example; word counts never change, so NER tags stay aligned).
+
+    `<metric>` is the task's monitored metric (accuracy for classification, f1 for NER). With both lists
+    empty (the default) it does nothing.
+
+    Args:
+        attack_eps: attack radii; e.g. [0.5, 1.0].
+        attack_steps: PGD steps of the attack.
+        attack_step_size: step size; None = 2.5 * eps / attack_steps.
+        attack_norm: "l2" or "linf".
+        word_noise: fractions of words to perturb; e.g. [0.1, 0.2].
+        seed: seed of the word noise.
+        every_n_epochs: during fit, evaluate after every n-th epoch's validation (0: only in `finetune validate`).
+    """
+
+    def __init__(self, attack_eps: list[float] | None = None, attack_steps: int = 5, attack_step_size: float | None = None,
+                 attack_norm: Norm = "l2", word_noise: list[float] | None = None, seed: int = 0,
+                 every_n_epochs: int = 1) -> None:
+        self.attack_eps = [float(e) for e in attack_eps or []]
+        self.word_noise = [float(f) for f in word_noise or []]
+        if any(e <= 0 for e in self.attack_eps) or any(not 0 < f <= 1 for f in self.word_noise):
+            raise ValueError(f"RobustnessEval: attack_eps must be > 0 and word_noise in (0, 1] "
+                             f"(got {self.attack_eps}, {self.word_noise}).")
+        if attack_steps < 1 or attack_norm not in ("l2", "linf"):
+            raise ValueError(f"RobustnessEval: attack_steps must be >= 1 and attack_norm 'l2' or 'linf' "
+                             f"(got {attack_steps}, '{attack_norm}').")
+        self.attack_steps, self.attack_step_size, self.attack_norm = attack_steps, attack_step_size, attack_norm
+        self.seed, self.every_n_epochs = seed, every_n_epochs
+
+    def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        if self.word_noise and not hasattr(trainer.datamodule, "noisy_dataloader"):
+            raise ValueError("RobustnessEval: word_noise needs a finetune-lab DataModule (it re-tokenizes the "
+                             "perturbed validation text); pass one as `datamodule=`, or leave word_noise empty.")
+
+    def _due(self, trainer: "L.Trainer") -> bool:
+        if trainer.sanity_checking or not (self.attack_eps or self.word_noise):
+            return False
+        if trainer.state.fn == "fit":
+            return self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        return trainer.state.fn == "validate"
+
+    def on_validation_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        if not self._due(trainer):
+            return
+        monitor = pl_module.task.monitor
+        values = {}
+        for eps in self.attack_eps:
+            values[f"val/{monitor}_adv@{eps:g}"] = self.score(trainer, pl_module, trainer.val_dataloaders, eps)
+        for fraction in self.word_noise:
+            loader = trainer.datamodule.noisy_dataloader("validation", fraction, self.seed)
+            values[f"val/{monitor}_noise@{fraction:g}"] = self.score(trainer, pl_module, loader, None)
+        pl_module.log_dict(values, sync_dist=True)
+        rank_zero_info("Robustness: " + ", ".join(f"{k} {float(v):.4f}" for k, v in values.items()))
+
+    def score(self, trainer: "L.Trainer", pl_module: "L.LightningModule", loader, eps: float | None) -> Tensor:
+        """The task's monitored metric over `loader`, attacked with radius `eps` (None: as is)."""
+        task, model = pl_module.task, pl_module.model
+        was_training = model.training
+        model.eval()
+        # validation runs under inference mode: the attack needs autograd, on tensors made outside it
+        with torch.inference_mode(False), torch.enable_grad():
+            metrics = task.metrics().to(pl_module.device)
+            for batch in loader:
+                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                batch = {k: v.clone() if isinstance(v, Tensor) else v for k, v in batch.items()}
+                with trainer.precision_plugin.forward_context():
+                    if eps is None:
+                        with torch.no_grad():
+                            outputs = task.forward(model, batch)
+                    else:
+                        delta = self.attack(pl_module, batch, eps)
+                        with torch.no_grad():
+                            outputs = task.forward(model, batch, inputs_embeds=embed(pl_module, batch) + delta)
+                task.update_metrics(metrics, outputs, batch)
+            value = metrics.compute()[task.monitor]
+        model.train(was_training)
+        return value.float()
+
+    def attack(self, pl_module: "L.LightningModule", batch: dict[str, Any], eps: float) -> Tensor:
+        """The PGD perturbation of the batch's input embeddings that raises the task loss (radius eps)."""
+        task, model = pl_module.task, pl_module.model
+        embeds = embed(pl_module, batch).detach()
+        step_size = 2.5 * eps / self.attack_steps if self.attack_step_size is None else self.attack_step_size
+
+        def loss_at(delta: Tensor) -> Tensor:
+            return task.loss(task.forward(model, batch, inputs_embeds=embeds + delta), batch)
+
+        def grad_of(loss: Tensor, delta: Tensor) -> Tensor:
+            return torch.autograd.grad(loss.float(), [delta])[0]
+
+        return pgd_attack(loss_at, grad_of, embeds, token_mask(batch, embeds), None, eps, self.attack_steps,
+                          step_size, self.attack_norm, per_example=True)

@@ -1,0 +1,285 @@
+"""Adversarial training on the input embeddings: FGM, PGD and FreeLB.
+
+The regimes perturb the output of the model's input-embedding layer (the `inputs_embeds` the task's
+forward accepts), never the embedding matrix, so they also work when PEFT freezes the embeddings.
+Padding positions are never perturbed.
+
+They run under Lightning's automatic optimization: the wrapper returns one loss and Lightning calls
+backward on it once, so mixed precision, gradient accumulation, clipping and DDP work unchanged. The
+perturbation direction needs the gradient of a loss the wrapper has already computed; that backward
+also yields the parameters' gradients of that loss, and they are carried into Lightning's backward by
+a surrogate term `sum(p * g) - sum(p * g).detach()` (value 0, gradient g). Each loss evaluation thus
+costs one forward and one backward, as in the hand-written FGM/PGD loops that call backward twice:
+FGM about 2x a plain step, PGD(K) about K+1 (its inner steps only differentiate the perturbation).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_modules.regime import Regime
+from lightning_modules.task import Batch, LossFn, StepOutput
+
+if TYPE_CHECKING:
+    from lightning_modules.module import TaskModule
+
+Norm = Literal["l2", "linf"]
+
+
+def perturbation_norms(delta: Tensor, norm: Norm = "l2", per_example: bool = True) -> Tensor:
+    """Norm of a (B, T, H) perturbation: per example (shape (B, 1, 1)) or over the whole batch (scalar)."""
+    flat = delta.flatten(1) if per_example else delta.reshape(1, -1)
+    n = flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
+    return n.view(-1, 1, 1) if per_example else n.view(())
+
+
+def ascent_direction(grad: Tensor, norm: Norm = "l2", per_example: bool = True) -> Tensor:
+    """Steepest ascent direction of unit size: g / ||g||_2 (L2) or sign(g) (L-inf)."""
+    if norm == "linf":
+        return grad.sign()
+    return grad / perturbation_norms(grad, "l2", per_example).clamp_min(1e-12)
+
+
+def project(delta: Tensor, eps: float, norm: Norm = "l2", per_example: bool = True) -> Tensor:
+    """Project onto the eps-ball: rescale (L2) or clamp (L-inf)."""
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    n = perturbation_norms(delta, "l2", per_example)
+    return delta * (eps / n.clamp_min(1e-12)).clamp(max=1.0)
+
+
+def random_start(like: Tensor, mask: Tensor, eps: float, norm: Norm = "l2", per_example: bool = True) -> Tensor:
+    """A uniform random point in the eps-ball (L-inf) or on a random direction of norm <= eps (L2)."""
+    noise = (torch.rand_like(like) * 2 - 1) * mask
+    if norm == "linf":
+        return noise * eps
+    scale = torch.rand(like.shape[0] if per_example else 1, device=like.device, dtype=like.dtype).view(-1, 1, 1)
+    return ascent_direction(noise, "l2", per_example) * eps * scale
+
+
+def token_mask(batch: Batch, like: Tensor) -> Tensor:
+    """(B, T, 1) mask of real (non-padding) positions."""
+    return batch["attention_mask"].unsqueeze(-1).to(like.dtype)
+
+
+def embed(module: "TaskModule", batch: Batch) -> Tensor:
+    """The output of the model's input-embedding layer for the batch's `input_ids`."""
+    return module.model.get_input_embeddings()(batch["input_ids"])
+
+
+def grad_scale(module: "TaskModule") -> float:
+    """The fp16 loss scale, so gradients taken inside the loss do not underflow (1 otherwise)."""
+    trainer = module._trainer
+    scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
+def backward_inside(module: "TaskModule", loss: Tensor, wrt: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """One backward of `loss` giving its gradients for `wrt` and for every trainable parameter.
+
+    Returns the former and the surrogate term that hands the latter to Lightning's backward (value 0).
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    scale = grad_scale(module)
+    grads = torch.autograd.grad(loss * scale, wrt + params, allow_unused=True)
+    fold = loss.new_zeros(())
+    for p, g in zip(params, grads[len(wrt):]):
+        if g is not None:
+            fold = fold + (p * (g / scale)).sum()
+    wrt_grads = [torch.zeros_like(t) if g is None else g / scale for t, g in zip(wrt, grads[: len(wrt)])]
+    return wrt_grads, fold - fold.detach()
+
+
+def input_grad(loss: Tensor, delta: Tensor, module: "TaskModule") -> Tensor:
+    """Gradient of `loss` for the perturbation only (no parameter gradients are formed)."""
+    scale = grad_scale(module)
+    (g,) = torch.autograd.grad(loss * scale, [delta])
+    return g / scale
+
+
+class EmbeddingAdversary(Regime):
+    """Shared checks and logging of the embedding-space regimes."""
+
+    def __init__(self, norm: Norm = "l2", per_example: bool = True) -> None:
+        if norm not in ("l2", "linf"):
+            raise ValueError(f"{type(self).__name__}: norm must be 'l2' or 'linf', got '{norm}'.")
+        self.norm, self.per_example = norm, per_example
+        self.last_perturbation: Tensor | None = None  # the final perturbation of the latest step (detached)
+
+    def wrap_loss(self, loss_fn: LossFn, module: "TaskModule") -> LossFn:
+        def adversarial_loss(batch: Batch, inputs_embeds: Tensor | None = None) -> StepOutput:
+            if inputs_embeds is not None:
+                raise ValueError(f"{type(self).__name__}: another regime already perturbs the embeddings; "
+                                 "use one adversarial regime per run.")
+            return self.step(loss_fn, module, batch)
+
+        return adversarial_loss
+
+    def step(self, loss_fn: LossFn, module: "TaskModule", batch: Batch) -> StepOutput:
+        raise NotImplementedError
+
+    def _output(self, loss: Tensor, clean: StepOutput, adv_loss: Tensor, delta: Tensor) -> StepOutput:
+        self.last_perturbation = delta.detach()
+        norms = perturbation_norms(delta.detach().float(), self.norm, per_example=True)
+        logs = {**clean.logs, "loss_clean": clean.loss.detach(), "loss_adv": adv_loss.detach(),
+                "adv_norm": norms.mean()}
+        return StepOutput(loss=loss, outputs=clean.outputs, logs=logs)
+
+
+class FGM(EmbeddingAdversary):
+    """Fast gradient method (Miyato et al. 2017): one step `r = eps * g / ||g||` on the embeddings.
+
+    loss = clean + alpha * adversarial.
+
+    Args:
+        eps: size of the perturbation (L2 norm per example, or over the batch with per_example=False).
+        alpha: weight of the adversarial loss.
+        per_example: normalise each example's gradient on its own (default) or the batch's as a whole.
+    """
+
+    name = "fgm"
+
+    def __init__(self, eps: float = 1.0, alpha: float = 1.0, per_example: bool = True) -> None:
+        super().__init__("l2", per_example)
+        if eps < 0 or alpha < 0:
+            raise ValueError(f"FGM: eps and alpha must be >= 0, got eps={eps}, alpha={alpha}.")
+        self.eps, self.alpha = eps, alpha
+
+    def step(self, loss_fn: LossFn, module: "TaskModule", batch: Batch) -> StepOutput:
+        embeds = embed(module, batch)
+        if not embeds.requires_grad:  # frozen embeddings (PEFT): differentiate the lookup's output
+            embeds.requires_grad_(True)
+        mask = token_mask(batch, embeds)
+        clean = loss_fn(batch, inputs_embeds=embeds)
+        (g,), fold = backward_inside(module, clean.loss, [embeds])
+        delta = self.eps * ascent_direction(g * mask, "l2", self.per_example) * mask
+        adv = loss_fn(batch, inputs_embeds=embed(module, batch) + delta.detach())
+        loss = clean.loss.detach() + fold + self.alpha * adv.loss
+        return self._output(loss, clean, adv.loss, delta)
+
+
+class PGD(EmbeddingAdversary):
+    """Projected gradient descent (Madry et al. 2018) on the embeddings, as used for BERT fine-tuning.
+
+    `steps` ascent steps of size `step_size`, each projected back into the eps-ball; the model is
+    trained on clean + alpha * (loss at the final perturbation).
+
+    Args:
+        eps: radius of the ball (per example, or over the batch with per_example=False).
+        steps: number of ascent steps K.
+        step_size: size of one step; default 2.5 * eps / steps (Madry et al.).
+        alpha: weight of the adversarial loss.
+        norm: "l2" or "linf".
+        random_start: start from a random point in the ball instead of the clean input.
+    """
+
+    name = "pgd"
+
+    def __init__(self, eps: float = 1.0, steps: int = 3, step_size: float | None = None, alpha: float = 1.0,
+                 norm: Norm = "l2", per_example: bool = True, random_start: bool = False) -> None:
+        super().__init__(norm, per_example)
+        if eps < 0 or alpha < 0 or steps < 1:
+            raise ValueError(f"PGD: need eps >= 0, alpha >= 0 and steps >= 1 (got {eps}, {alpha}, {steps}).")
+        self.eps, self.steps, self.alpha, self.random_start = eps, steps, alpha, random_start
+        self.step_size = 2.5 * eps / steps if step_size is None else step_size
+
+    def step(self, loss_fn: LossFn, module: "TaskModule", batch: Batch) -> StepOutput:
+        embeds = embed(module, batch)
+        if not embeds.requires_grad:
+            embeds.requires_grad_(True)
+        mask = token_mask(batch, embeds)
+        clean = loss_fn(batch, inputs_embeds=embeds)
+        (g,), fold = backward_inside(module, clean.loss, [embeds])
+
+        def loss_at(delta: Tensor) -> Tensor:
+            return loss_fn(batch, inputs_embeds=embed(module, batch).detach() + delta).loss
+
+        delta = pgd_attack(loss_at, lambda loss, d: input_grad(loss, d, module), embeds.detach(), mask, g, self.eps, self.steps,
+                           self.step_size, self.norm, self.per_example, self.random_start)
+        adv = loss_fn(batch, inputs_embeds=embed(module, batch) + delta)
+        loss = clean.loss.detach() + fold + self.alpha * adv.loss
+        return self._output(loss, clean, adv.loss, delta)
+
+
+def pgd_attack(loss_at: Callable[[Tensor], Tensor], grad_of: Callable[[Tensor, Tensor], Tensor], like: Tensor,
+               mask: Tensor, clean_grad: Tensor | None, eps: float, steps: int, step_size: float, norm: Norm = "l2",
+               per_example: bool = True, random_init: bool = False) -> Tensor:
+    """The PGD perturbation (detached, shaped like the (B, T, H) `like`) after `steps` projected ascent
+    steps on `loss_at(delta)`. `clean_grad`, the loss gradient at delta = 0 if already known, saves a forward.
+    """
+    delta = random_start(like, mask, eps, norm, per_example) if random_init else torch.zeros_like(like)
+    for k in range(steps):
+        if k == 0 and not random_init and clean_grad is not None:
+            g = clean_grad
+        else:
+            delta = delta.detach().requires_grad_(True)
+            g = grad_of(loss_at(delta), delta)
+        delta = project(delta.detach() + step_size * ascent_direction(g * mask, norm, per_example), eps, norm,
+                        per_example) * mask
+    return delta.detach()
+
+
+class FreeLB(EmbeddingAdversary):
+    """FreeLB (Zhu et al. 2020): `steps` adversarial ascent steps whose parameter gradients are averaged.
+
+    The perturbation starts at random within `init_mag` (0: at the clean input), takes steps of size
+    `adv_lr` along the normalised gradient and, with `max_norm` > 0, is projected into that ball. The
+    training loss is the mean of the K adversarial losses. `train/loss_clean` comes from an extra
+    forward pass without gradients (about a third of a plain step) unless init_mag is 0.
+
+    Args:
+        steps: number of ascent steps K.
+        adv_lr: step size of the perturbation.
+        init_mag: magnitude of the random start (L2: of the whole example's perturbation).
+        max_norm: radius of the ball the perturbation is kept in; 0 = unbounded (as in the paper's GLUE runs).
+        norm: "l2" or "linf".
+    """
+
+    name = "freelb"
+
+    def __init__(self, steps: int = 3, adv_lr: float = 0.1, init_mag: float = 0.1, max_norm: float = 0.0,
+                 norm: Norm = "l2") -> None:
+        super().__init__(norm, per_example=True)
+        if steps < 1 or adv_lr < 0 or init_mag < 0 or max_norm < 0:
+            raise ValueError(f"FreeLB: need steps >= 1 and adv_lr, init_mag, max_norm >= 0 "
+                             f"(got {steps}, {adv_lr}, {init_mag}, {max_norm}).")
+        self.steps, self.adv_lr, self.init_mag, self.max_norm = steps, adv_lr, init_mag, max_norm
+
+    def _init(self, embeds: Tensor, mask: Tensor) -> Tensor:
+        if self.init_mag == 0:
+            return torch.zeros_like(embeds)
+        noise = (torch.rand_like(embeds) * 2 - 1) * mask
+        if self.norm == "linf":
+            return noise * self.init_mag
+        dims = mask.sum(dim=(1, 2), keepdim=True) * embeds.shape[-1]  # real positions x width, as in FreeLB
+        return noise * self.init_mag / dims.sqrt()
+
+    def step(self, loss_fn: LossFn, module: "TaskModule", batch: Batch) -> StepOutput:
+        embeds = embed(module, batch)
+        mask = token_mask(batch, embeds)
+        delta = self._init(embeds.detach(), mask)
+        folds, losses, first = [], [], None
+        for k in range(self.steps):
+            delta = delta.detach().requires_grad_(True)
+            out = loss_fn(batch, inputs_embeds=(embeds if k == 0 else embed(module, batch)) + delta)
+            first = out if first is None else first
+            losses.append(out.loss)
+            if k == self.steps - 1:
+                break
+            (g,), fold = backward_inside(module, out.loss / self.steps, [delta])
+            folds.append(fold)
+            delta = delta.detach() + self.adv_lr * ascent_direction(g * mask, self.norm, True)
+            if self.max_norm > 0:
+                delta = project(delta, self.max_norm, self.norm, True)
+            delta = delta * mask
+        adv_mean = torch.stack([x.detach() for x in losses]).mean()
+        loss = adv_mean - losses[-1].detach() / self.steps + losses[-1] / self.steps + sum(folds)
+        if self.init_mag == 0:
+            clean = first
+        else:
+            with torch.no_grad():
+                clean = loss_fn(batch, inputs_embeds=embed(module, batch))
+            clean = StepOutput(loss=clean.loss, outputs=first.outputs, logs=first.logs)
+        return self._output(loss, clean, adv_mean, delta)
