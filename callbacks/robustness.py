@@ -5,23 +5,26 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torchmetrics import MeanMetric
 
-from lightning_modules.regimes.adversarial import Norm, embed, pgd_attack, token_mask
+from lightning_modules.module import batch_size_of
+from lightning_modules.regimes.adversarial import Norm, embed, grad_scale, pgd_attack, token_mask
 
 
 class RobustnessEval(L.Callback):
     """After each validation (`finetune fit` and `finetune validate`), logs next to the clean metric:
 
-    - `val/<metric>_adv@<eps>`: the metric under an L2 (or L-inf) PGD attack of radius eps per example on the
+    - `val/<metric>_adv@<eps>` (`_adv_linf@<eps>` for L-inf): the metric under an L2 (or L-inf) PGD attack of radius eps per example on the
       input embeddings, `attack_steps` steps of `attack_step_size` (default 2.5 * eps / steps) that maximise
       the task loss for the true labels;
     - `val/<metric>_noise@<fraction>`: the metric on the validation text with one character swap or deletion
       in that fraction of the words (seeded per example; word counts never change, so NER tags stay aligned).
 
-    `<metric>` is the task's monitored metric (accuracy for classification, f1 for NER). With both lists
-    empty (the default) it does nothing.
+    `<metric>` is the task's monitored metric (accuracy for classification, f1 for NER, or loss). With both
+    lists empty (the default) it does nothing. Under `limit_val_batches` it scores as many batches as the
+    clean validation.
 
     Args:
         attack_eps: attack radii; e.g. [0.5, 1.0].
@@ -63,38 +66,56 @@ class RobustnessEval(L.Callback):
         if not self._due(trainer):
             return
         monitor = pl_module.task.monitor
+        limit = trainer.num_val_batches[0] if trainer.num_val_batches else None
+        if limit is not None and limit < len(trainer.val_dataloaders) and self.word_noise:
+            rank_zero_warn(f"RobustnessEval: validation is limited to {limit} batches; the word-noise scores cover "
+                           "as many batches of the noisy split, whose rows are ordered by their own length.")
         values = {}
+        attack = "adv" if self.attack_norm == "l2" else "adv_linf"
         for eps in self.attack_eps:
-            values[f"val/{monitor}_adv@{eps:g}"] = self.score(trainer, pl_module, trainer.val_dataloaders, eps)
+            values[f"val/{monitor}_{attack}@{eps:g}"] = self.score(trainer, pl_module, trainer.val_dataloaders, eps, limit)
         for fraction in self.word_noise:
             loader = trainer.datamodule.noisy_dataloader("validation", fraction, self.seed)
-            values[f"val/{monitor}_noise@{fraction:g}"] = self.score(trainer, pl_module, loader, None)
-        pl_module.log_dict(values, sync_dist=True)
+            values[f"val/{monitor}_noise@{fraction:g}"] = self.score(trainer, pl_module, loader, None, limit)
+        pl_module.log_dict({k: v.to(pl_module.device) for k, v in values.items()}, sync_dist=True)
         rank_zero_info("Robustness: " + ", ".join(f"{k} {float(v):.4f}" for k, v in values.items()))
 
-    def score(self, trainer: "L.Trainer", pl_module: "L.LightningModule", loader, eps: float | None) -> Tensor:
-        """The task's monitored metric over `loader`, attacked with radius `eps` (None: as is)."""
+    def score(self, trainer: "L.Trainer", pl_module: "L.LightningModule", loader, eps: float | None,
+              limit: int | None = None) -> Tensor:
+        """The task's monitored metric over (the first `limit` batches of) `loader`, attacked with radius
+        `eps` (None: as is)."""
         task, model = pl_module.task, pl_module.model
         was_training = model.training
         model.eval()
         # validation runs under inference mode: the attack needs autograd, on tensors made outside it
         with torch.inference_mode(False), torch.enable_grad():
             metrics = task.metrics().to(pl_module.device)
-            for batch in loader:
-                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-                batch = {k: v.clone() if isinstance(v, Tensor) else v for k, v in batch.items()}
-                with trainer.precision_plugin.forward_context():
-                    if eps is None:
-                        with torch.no_grad():
-                            outputs = task.forward(model, batch)
-                    else:
-                        delta = self.attack(pl_module, batch, eps)
-                        with torch.no_grad():
-                            outputs = task.forward(model, batch, inputs_embeds=embed(pl_module, batch) + delta)
-                task.update_metrics(metrics, outputs, batch)
-            value = metrics.compute()[task.monitor]
-        model.train(was_training)
+            loss = MeanMetric().to(pl_module.device)  # for monitor == "loss"
+            try:
+                value = self._run(trainer, pl_module, loader, eps, limit, metrics, loss)
+            finally:
+                model.train(was_training)
         return value.float()
+
+    def _run(self, trainer, pl_module, loader, eps, limit, metrics, loss_metric) -> Tensor:
+        task, model = pl_module.task, pl_module.model
+        for i, batch in enumerate(loader):
+            if limit is not None and i >= limit:
+                break
+            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+            batch = {k: v.clone() if isinstance(v, Tensor) else v for k, v in batch.items()}
+            with trainer.precision_plugin.forward_context():
+                if eps is None:
+                    with torch.no_grad():
+                        outputs = task.forward(model, batch)
+                else:
+                    delta = self.attack(pl_module, batch, eps)
+                    with torch.no_grad():
+                        outputs = task.forward(model, batch, inputs_embeds=embed(pl_module, batch) + delta)
+                with torch.no_grad():
+                    loss_metric.update(task.loss(outputs, batch), weight=batch_size_of(batch))
+            task.update_metrics(metrics, outputs, batch)
+        return loss_metric.compute() if task.monitor == "loss" else metrics.compute()[task.monitor]
 
     def attack(self, pl_module: "L.LightningModule", batch: dict[str, Any], eps: float) -> Tensor:
         """The PGD perturbation of the batch's input embeddings that raises the task loss (radius eps)."""
@@ -105,8 +126,10 @@ class RobustnessEval(L.Callback):
         def loss_at(delta: Tensor) -> Tensor:
             return task.loss(task.forward(model, batch, inputs_embeds=embeds + delta), batch)
 
+        scale = grad_scale(pl_module)  # fp16: scaled like training, or small gradients underflow to 0
+
         def grad_of(loss: Tensor, delta: Tensor) -> Tensor:
-            return torch.autograd.grad(loss.float(), [delta])[0]
+            return torch.autograd.grad(loss.float() * scale, [delta])[0]
 
         return pgd_attack(loss_at, grad_of, embeds, token_mask(batch, embeds), None, eps, self.attack_steps,
                           step_size, self.attack_norm, per_example=True)

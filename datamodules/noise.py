@@ -1,7 +1,10 @@
 """Seeded word-level noise for robustness evaluation: one character swap or deletion in a fraction of words."""
 from __future__ import annotations
 
+import math
 import random
+
+NOISE_VERSION = 1  # part of the cache fingerprint of noisy splits: bump when the noise changes
 
 
 def perturb_word(word: str, rng: random.Random) -> str:
@@ -15,14 +18,15 @@ def perturb_word(word: str, rng: random.Random) -> str:
 
 
 def perturb_words(words: list[str], fraction: float, rng: random.Random) -> list[str]:
-    """Edit round(fraction * len(words)) words, chosen among those of two or more characters.
+    """Edit `fraction` of the words that can be edited (two or more characters; single characters such
+    as punctuation are left alone), rounded half up.
 
     The word count never changes, so word-level labels (NER tags) stay aligned.
     """
     if not 0 <= fraction <= 1:
         raise ValueError(f"word noise fraction must be in [0, 1], got {fraction}")
     eligible = [i for i, w in enumerate(words) if len(w) >= 2]
-    chosen = rng.sample(eligible, min(len(eligible), round(fraction * len(words))))
+    chosen = rng.sample(eligible, math.floor(fraction * len(eligible) + 0.5))
     out = list(words)
     for i in chosen:
         out[i] = perturb_word(out[i], rng)

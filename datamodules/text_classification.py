@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.base import TokenizedDataModule, check_data_args, tokenizer_fingerprint
 from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split
-from datamodules.noise import example_rng, perturb_text
+from datamodules.noise import NOISE_VERSION, example_rng, perturb_text
 
 ENCODE_VERSION = 1  # bump when `encode` changes, to invalidate cached tokenizations
 ENCODE_CALLS = 0  # batches tokenized in this process (tests read it to see cache hits)
@@ -320,7 +320,7 @@ class TextClassificationDataModule(TokenizedDataModule):
 
         raw = self._raw_splits({split})[split]
         noisy = raw.map(add_noise, with_indices=True, desc=f"Word noise {fraction:g} on {split}",
-                        new_fingerprint=Hasher.hash([raw._fingerprint, "word-noise", columns, fraction, seed]))
+                        new_fingerprint=Hasher.hash([raw._fingerprint, "word-noise", NOISE_VERSION, columns, fraction, seed]))
         return self._encode_split(f"{split} (word noise {fraction:g})", noisy)
 
     def _text_keys(self) -> dict[str, str]:

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from datamodules.base import SPLITS, TokenizedDataModule, check_data_args, tokenizer_fingerprint
 from datamodules.conll import check_tag, read_conll
 from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split
-from datamodules.noise import example_rng, perturb_words
+from datamodules.noise import NOISE_VERSION, example_rng, perturb_words
 
 ENCODE_VERSION = 1
 ENCODE_CALLS = 0  # batches tokenized in this process (tests read it to see cache hits)
@@ -285,7 +285,7 @@ class TokenClassificationDataModule(TokenizedDataModule):
 
         raw = self._raw_splits()[split]
         noisy = raw.map(add_noise, with_indices=True, desc=f"Word noise {fraction:g} on {split}",
-                        new_fingerprint=Hasher.hash([raw._fingerprint, "word-noise", fraction, seed]))
+                        new_fingerprint=Hasher.hash([raw._fingerprint, "word-noise", NOISE_VERSION, fraction, seed]))
         return self._encode(f"{split}-noise{fraction:g}-seed{seed}", noisy)
 
     def _load_predict(self) -> Dataset:

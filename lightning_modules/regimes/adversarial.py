@@ -7,10 +7,10 @@ Padding positions are never perturbed.
 They run under Lightning's automatic optimization: the wrapper returns one loss and Lightning calls
 backward on it once, so mixed precision, gradient accumulation, clipping and DDP work unchanged. The
 perturbation direction needs the gradient of a loss the wrapper has already computed; that backward
-also yields the parameters' gradients of that loss, and they are carried into Lightning's backward by
-a surrogate term `sum(p * g) - sum(p * g).detach()` (value 0, gradient g). Each loss evaluation thus
-costs one forward and one backward, as in the hand-written FGM/PGD loops that call backward twice:
-FGM about 2x a plain step, PGD(K) about K+1 (its inner steps only differentiate the perturbation).
+also yields the parameters' gradients of that loss, and `InnerBackward` carries them into Lightning's
+backward through a zero-valued term whose gradient they are. Each loss evaluation thus costs one
+forward and one backward, as in the hand-written FGM/PGD loops that call backward twice: FGM about 2x
+a plain step, PGD(K) about K+1 (its inner steps only differentiate the perturbation).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ Norm = Literal["l2", "linf"]
 
 def perturbation_norms(delta: Tensor, norm: Norm = "l2", per_example: bool = True) -> Tensor:
     """Norm of a (B, T, H) perturbation: per example (shape (B, 1, 1)) or over the whole batch (scalar)."""
-    flat = delta.flatten(1) if per_example else delta.reshape(1, -1)
+    flat = (delta.flatten(1) if per_example else delta.reshape(1, -1)).float()  # fp16 would round tiny norms to 0
     n = flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
     return n.view(-1, 1, 1) if per_example else n.view(())
 
@@ -39,7 +39,7 @@ def ascent_direction(grad: Tensor, norm: Norm = "l2", per_example: bool = True) 
     """Steepest ascent direction of unit size: g / ||g||_2 (L2) or sign(g) (L-inf)."""
     if norm == "linf":
         return grad.sign()
-    return grad / perturbation_norms(grad, "l2", per_example).clamp_min(1e-12)
+    return (grad.float() / perturbation_norms(grad, "l2", per_example).clamp_min(1e-12)).to(grad.dtype)
 
 
 def project(delta: Tensor, eps: float, norm: Norm = "l2", per_example: bool = True) -> Tensor:
@@ -47,7 +47,7 @@ def project(delta: Tensor, eps: float, norm: Norm = "l2", per_example: bool = Tr
     if norm == "linf":
         return delta.clamp(-eps, eps)
     n = perturbation_norms(delta, "l2", per_example)
-    return delta * (eps / n.clamp_min(1e-12)).clamp(max=1.0)
+    return delta * (eps / n.clamp_min(1e-12)).clamp(max=1.0).to(delta.dtype)
 
 
 def random_start(like: Tensor, mask: Tensor, eps: float, norm: Norm = "l2", per_example: bool = True) -> Tensor:
@@ -76,20 +76,59 @@ def grad_scale(module: "TaskModule") -> float:
     return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
 
-def backward_inside(module: "TaskModule", loss: Tensor, wrt: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-    """One backward of `loss` giving its gradients for `wrt` and for every trainable parameter.
+class _CarryGrads(torch.autograd.Function):
+    """A zero scalar whose backward hands precomputed gradients to `params` (times the incoming scale,
+    e.g. Lightning's 1 / accumulate_grad_batches or the fp16 loss scale)."""
 
-    Returns the former and the surrogate term that hands the latter to Lightning's backward (value 0).
+    @staticmethod
+    def forward(ctx, grads: list[Tensor], *params: Tensor) -> Tensor:
+        ctx.grads = grads
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return (None, *(g * grad_out for g in ctx.grads))
+
+
+class InnerBackward:
+    """Backward passes a regime runs inside its loss, and the gradients they leave for Lightning's backward.
+
+    `backward(loss, x)` returns d loss / d x (x: the embeddings or a perturbation of them) and adds the
+    trainable parameters' gradients of `loss` to a running sum; `carry(embeds)` turns that sum into a
+    zero-valued term of the final loss. The input-embedding matrix is not differentiated here: its
+    gradient is d loss / d x scattered over the looked-up rows, which `carry` routes through `embeds`,
+    the lookup the final loss uses (unless the matrix is tied to an output layer).
     """
-    params = [p for p in module.parameters() if p.requires_grad]
-    scale = grad_scale(module)
-    grads = torch.autograd.grad(loss * scale, wrt + params, allow_unused=True)
-    fold = loss.new_zeros(())
-    for p, g in zip(params, grads[len(wrt):]):
-        if g is not None:
-            fold = fold + (p * (g / scale)).sum()
-    wrt_grads = [torch.zeros_like(t) if g is None else g / scale for t, g in zip(wrt, grads[: len(wrt)])]
-    return wrt_grads, fold - fold.detach()
+
+    def __init__(self, module: "TaskModule") -> None:
+        model = module.model
+        weight = model.get_input_embeddings().weight
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.via_embeds = weight.requires_grad and (out is None or out.weight is not weight)
+        self.params = [p for p in module.parameters() if p.requires_grad and not (self.via_embeds and p is weight)]
+        self.scale = grad_scale(module)
+        self.sums: list[Tensor | None] = [None] * len(self.params)
+        self.embeds_grad: Tensor | None = None
+
+    def backward(self, loss: Tensor, x: Tensor) -> Tensor:
+        grads = torch.autograd.grad(loss * self.scale if self.scale != 1 else loss, [x, *self.params], allow_unused=True)
+        if self.scale != 1:
+            grads = [None if g is None else g / self.scale for g in grads]
+        for i, g in enumerate(grads[1:]):
+            if g is not None:
+                self.sums[i] = g if self.sums[i] is None else self.sums[i].add_(g)
+        g_x = torch.zeros_like(x) if grads[0] is None else grads[0]
+        if self.via_embeds:
+            self.embeds_grad = g_x if self.embeds_grad is None else self.embeds_grad + g_x
+        return g_x
+
+    def carry(self, embeds: Tensor) -> Tensor:
+        pairs = [(p, g) for p, g in zip(self.params, self.sums) if g is not None]
+        term = _CarryGrads.apply([g for _, g in pairs], *[p for p, _ in pairs]) if pairs else embeds.new_zeros(())
+        if self.embeds_grad is not None and embeds.requires_grad:
+            dot = (embeds * self.embeds_grad).sum()
+            term = term + (dot - dot.detach())
+        return term
 
 
 def input_grad(loss: Tensor, delta: Tensor, module: "TaskModule") -> Tensor:
@@ -153,10 +192,12 @@ class FGM(EmbeddingAdversary):
             embeds.requires_grad_(True)
         mask = token_mask(batch, embeds)
         clean = loss_fn(batch, inputs_embeds=embeds)
-        (g,), fold = backward_inside(module, clean.loss, [embeds])
+        inner = InnerBackward(module)
+        g = inner.backward(clean.loss, embeds)
         delta = self.eps * ascent_direction(g * mask, "l2", self.per_example) * mask
-        adv = loss_fn(batch, inputs_embeds=embed(module, batch) + delta.detach())
-        loss = clean.loss.detach() + fold + self.alpha * adv.loss
+        adv_embeds = embed(module, batch)
+        adv = loss_fn(batch, inputs_embeds=adv_embeds + delta.detach())
+        loss = clean.loss.detach() + inner.carry(adv_embeds) + self.alpha * adv.loss
         return self._output(loss, clean, adv.loss, delta)
 
 
@@ -191,15 +232,17 @@ class PGD(EmbeddingAdversary):
             embeds.requires_grad_(True)
         mask = token_mask(batch, embeds)
         clean = loss_fn(batch, inputs_embeds=embeds)
-        (g,), fold = backward_inside(module, clean.loss, [embeds])
+        inner = InnerBackward(module)
+        g = inner.backward(clean.loss, embeds)
 
         def loss_at(delta: Tensor) -> Tensor:
             return loss_fn(batch, inputs_embeds=embed(module, batch).detach() + delta).loss
 
         delta = pgd_attack(loss_at, lambda loss, d: input_grad(loss, d, module), embeds.detach(), mask, g, self.eps, self.steps,
                            self.step_size, self.norm, self.per_example, self.random_start)
-        adv = loss_fn(batch, inputs_embeds=embed(module, batch) + delta)
-        loss = clean.loss.detach() + fold + self.alpha * adv.loss
+        adv_embeds = embed(module, batch)
+        adv = loss_fn(batch, inputs_embeds=adv_embeds + delta)
+        loss = clean.loss.detach() + inner.carry(adv_embeds) + self.alpha * adv.loss
         return self._output(loss, clean, adv.loss, delta)
 
 
@@ -260,22 +303,28 @@ class FreeLB(EmbeddingAdversary):
         embeds = embed(module, batch)
         mask = token_mask(batch, embeds)
         delta = self._init(embeds.detach(), mask)
-        folds, losses, first = [], [], None
+        inner = InnerBackward(module)
+        losses, first = [], None
         for k in range(self.steps):
             delta = delta.detach().requires_grad_(True)
-            out = loss_fn(batch, inputs_embeds=(embeds if k == 0 else embed(module, batch)) + delta)
+            if k > 0:
+                embeds = embed(module, batch)
+            out = loss_fn(batch, inputs_embeds=embeds + delta)
             first = out if first is None else first
             losses.append(out.loss)
             if k == self.steps - 1:
                 break
-            (g,), fold = backward_inside(module, out.loss / self.steps, [delta])
-            folds.append(fold)
-            delta = delta.detach() + self.adv_lr * ascent_direction(g * mask, self.norm, True)
+            g = inner.backward(out.loss / self.steps, delta) * mask
+            if self.norm == "l2":
+                step = ascent_direction(g, "l2", True)
+            else:  # as FreeLB's code: g / max|g| per example
+                step = g / perturbation_norms(g, "linf", True).clamp_min(1e-12)
+            delta = delta.detach() + self.adv_lr * step
             if self.max_norm > 0:
                 delta = project(delta, self.max_norm, self.norm, True)
             delta = delta * mask
         adv_mean = torch.stack([x.detach() for x in losses]).mean()
-        loss = adv_mean - losses[-1].detach() / self.steps + losses[-1] / self.steps + sum(folds)
+        loss = adv_mean - losses[-1].detach() / self.steps + losses[-1] / self.steps + inner.carry(embeds)
         if self.init_mag == 0:
             clean = first
         else:
