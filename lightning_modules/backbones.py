@@ -42,6 +42,47 @@ def _not_found(name: str, what: str, err: Exception) -> BackboneError:
     )
 
 
+def encoder_layers(model):
+    """The ModuleList of transformer layers of an HF model (BERT-, GPT-, T5-style names)."""
+    from torch import nn
+
+    base = getattr(model, "base_model", model)
+    for path in ("encoder.layer", "encoder.layers", "layers", "h", "transformer.layer", "block"):
+        obj = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise BackboneError(f"Cannot find the transformer layers of {type(base).__name__}.")
+
+
+def keep_layers(model, layers: list[int]):
+    """Keep only the given transformer layers (in that order), e.g. [0, 2, 4] of a 6-layer model: a smaller
+    student initialised from the teacher's weights, as DistilBERT was. Updates the config's layer count."""
+    from torch import nn
+
+    blocks = encoder_layers(model)
+    bad = [i for i in layers if not 0 <= i < len(blocks)]
+    if not layers or bad or len(set(layers)) != len(layers):
+        raise BackboneError(f"backbone_layers must be distinct layer indices in [0, {len(blocks) - 1}], got {layers}.")
+    kept = nn.ModuleList([blocks[i] for i in layers])
+    parent = getattr(model, "base_model", model)
+    for path in ("encoder.layer", "encoder.layers", "layers", "h", "transformer.layer", "block"):
+        *owner_path, attr = path.split(".")
+        owner = parent
+        for part in owner_path:
+            owner = getattr(owner, part, None)
+        if owner is not None and getattr(owner, attr, None) is blocks:
+            setattr(owner, attr, kept)
+            break
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, len(layers))
+    return model
+
+
 @dataclass
 class Backbone:
     """Where a model's weights, config and tokenizer come from.
@@ -51,10 +92,13 @@ class Backbone:
             weights unless `config` is given.
         config: when given, the model is randomly initialised from this config dict (e.g.
             `{"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 32, ...}`).
+        layers: keep only these transformer layers of the loaded model (e.g. `[0, 2, 4]`): a smaller
+            student initialised from a teacher.
     """
 
     name: str
     config: dict[str, Any] | None = None
+    layers: list[int] | None = None
     path: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -72,11 +116,13 @@ class Backbone:
 
             cfg = dict(self.config)
             cfg.update(config_overrides)
-            return auto_cls.from_config(AutoConfig.for_model(**cfg))
-        try:
-            return auto_cls.from_pretrained(self.path, **config_overrides)
-        except OSError as e:
-            raise _not_found(self.name, "weights", e) from None
+            model = auto_cls.from_config(AutoConfig.for_model(**cfg))
+        else:
+            try:
+                model = auto_cls.from_pretrained(self.path, **config_overrides)
+            except OSError as e:
+                raise _not_found(self.name, "weights", e) from None
+        return keep_layers(model, list(self.layers)) if self.layers is not None else model
 
 
 def load_tokenizer(name: str):

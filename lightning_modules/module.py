@@ -90,6 +90,8 @@ class TaskModule(L.LightningModule):
         backbone: hub name, local model folder, or `minilm` (the offline all-MiniLM-L6-v2).
         backbone_config: build a randomly initialised model from this config dict instead of loading
             weights (the tokenizer still comes from `backbone`).
+        backbone_layers: keep only these transformer layers of the backbone (e.g. `[0, 2, 4]`): a smaller
+            student initialised from a (fine-tuned) teacher, as DistilBERT was.
         regimes: training regimes, applied in order (first = outermost). `[]` is full fine-tuning.
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay; never applied to biases and normalisation weights.
@@ -105,6 +107,7 @@ class TaskModule(L.LightningModule):
         task: Task,
         backbone: str = "minilm",
         backbone_config: dict[str, Any] | None = None,
+        backbone_layers: list[int] | None = None,
         regimes: list[Regime] | None = None,
         lr: float = 5e-5,
         weight_decay: float = 0.0,
@@ -139,7 +142,7 @@ class TaskModule(L.LightningModule):
         self.trainable_only_checkpoint = any(r.trainable_only_checkpoint for r in regimes)
         # adapter-only checkpoints lack the frozen base: on_load_checkpoint checks what is missing instead
         self.strict_loading = not self.trainable_only_checkpoint
-        self.backbone = Backbone(backbone, backbone_config)
+        self.backbone = Backbone(backbone, backbone_config, backbone_layers)
         self.model: nn.Module | None = None
         self.data_info: dict[str, Any] | None = None
         self._loss_fn = None
@@ -174,6 +177,9 @@ class TaskModule(L.LightningModule):
             model = regime.configure_model(model, self.task)
             self.parameter_report.append(parameter_counts(f"after {regime.tag()}", model))
         self.model = model
+        # trainable parts owned by regimes (e.g. a distillation projection): optimised and checkpointed
+        self.regime_modules = nn.ModuleDict({f"{i}_{name}": m for i, r in enumerate(self.regimes)
+                                             for name, m in r.trainable_modules(self).items()})
         self.val_metrics = self.task.metrics().clone(prefix="val/")
         self.test_metrics = self.task.metrics().clone(prefix="test/")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -258,6 +264,10 @@ class TaskModule(L.LightningModule):
         for name, p in model.named_parameters():
             if p.requires_grad:
                 (no_decay_params if name in no_decay else decay_params).append(p)
+        regime_no_decay = no_decay_parameter_names(self.regime_modules)
+        for name, p in self.regime_modules.named_parameters():
+            if p.requires_grad:
+                (no_decay_params if name in regime_no_decay else decay_params).append(p)
         groups = [
             {"params": decay_params, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay_params, "weight_decay": 0.0},

@@ -34,6 +34,11 @@ class Regime:
         `inputs_embeds` on (adversarial regimes use it to feed perturbed embeddings)."""
         return loss_fn
 
+    def trainable_modules(self, module: "TaskModule") -> dict[str, nn.Module]:
+        """Modules the regime trains next to the model (e.g. a projection); called once the model is
+        built. They join the optimizer (with weight decay rules as the model) and every checkpoint."""
+        return {}
+
     def parameter_groups(self, module: "TaskModule") -> list[dict[str, Any]]:
         """Extra optimizer parameter groups owned by the regime (e.g. a learned projection)."""
         return []

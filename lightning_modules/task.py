@@ -59,10 +59,22 @@ class Task:
         if inputs_embeds is not None:
             inputs.pop("input_ids", None)
             inputs["inputs_embeds"] = inputs_embeds
-        return model(**inputs)
+        return model(**inputs, **self.extra_outputs)
+
+    @property
+    def extra_outputs(self) -> dict[str, bool]:
+        """Extra outputs every forward asks for, set by regimes (e.g. `output_hidden_states` for distillation)."""
+        if "_extra_outputs" not in self.__dict__:
+            self._extra_outputs = {}
+        return self._extra_outputs
 
     def loss(self, outputs: Any, batch: Batch) -> Tensor:
         raise NotImplementedError
+
+    def distillation_logits(self, outputs: Any, batch: Batch) -> Tensor:
+        """(N, C) logits of the N positions a teacher's soft labels apply to: one row per example for
+        sequence tasks, the labelled (non-padding, non-ignored) tokens for token tasks."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose logits for distillation.")
 
     def metrics(self) -> MetricCollection:
         """A fresh collection of the task's metrics (one is made per stage)."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from lightning_modules.backbones import BackboneError, encoder_layers
 from lightning_modules.regime import Regime
 from lightning_modules.task import Task
 
@@ -146,21 +147,11 @@ class Freeze(Regime):
         self.embeddings, self.layers, self.unfreeze_every_epochs = embeddings, layers, unfreeze_every_epochs
         self._frozen: list[nn.Module] = []
 
-    @staticmethod
-    def _layer_list(model: nn.Module) -> nn.ModuleList:
-        base = model.base_model
-        for path in ("encoder.layer", "encoder.layers", "layers", "h", "transformer.layer", "block"):
-            obj = base
-            for part in path.split("."):
-                obj = getattr(obj, part, None)
-                if obj is None:
-                    break
-            if isinstance(obj, nn.ModuleList):
-                return obj
-        raise ValueError(f"Freeze: cannot find the transformer layers of {type(base).__name__}.")
-
     def configure_model(self, model: nn.Module, task: Task) -> nn.Module:
-        layers = self._layer_list(model)
+        try:
+            layers = encoder_layers(model)
+        except BackboneError as e:
+            raise ValueError(f"Freeze: {e}") from None
         if self.layers > len(layers):
             raise ValueError(f"Freeze: layers={self.layers} but the model has {len(layers)} layers.")
         frozen = []

@@ -68,6 +68,9 @@ class SequenceClassification(Task):
             return F.mse_loss(logits.squeeze(-1), batch["labels"].float())
         return F.cross_entropy(logits, batch["labels"])
 
+    def distillation_logits(self, outputs: Any, batch: Batch) -> Tensor:
+        return outputs.logits.float()  # (B, num_labels); (B, 1) for regression
+
     def metrics(self) -> MetricCollection:
         if self.regression:
             return MetricCollection({"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef(), "mse": MeanSquaredError()})

@@ -71,6 +71,10 @@ class TokenClassification(Task):
         logits = self.token_logits(outputs, batch).float()  # (B, T, num_tags)
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
 
+    def distillation_logits(self, outputs: Any, batch: Batch) -> Tensor:
+        logits = self.token_logits(outputs, batch).float()
+        return logits[batch["labels"] != -100]  # (labelled tokens, num_tags)
+
     def metrics(self) -> MetricCollection:
         return MetricCollection({"entity": EntityScores(self.label_names, self.mode, self.scheme)})
 

@@ -1,0 +1,170 @@
+"""Distillation regime and layer-subset students, on tiny models."""
+import math
+
+import pytest
+import torch
+
+from lightning_modules import TaskModule
+from lightning_modules.regimes import PGD, Distillation, Peft
+from lightning_modules.regimes.distillation import soft_label_loss, uniform_layer_map
+from lightning_modules.tasks import SequenceClassification
+from tests.helpers import write_tiny_model, write_two_task_data
+from tests.utils import make_trainer, task_setup
+
+
+@pytest.fixture(scope="module")
+def setup_data(tmp_path_factory):
+    return write_two_task_data(str(tmp_path_factory.mktemp("kd")), hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def saved_models(setup_data, tmp_path_factory):
+    """A task model (backbone + trained-shape head) saved per task, usable as teacher and as student."""
+    out = {}
+    for task_name in ("seq", "token"):
+        module, dm = task_setup(setup_data, task_name, [])
+        folder = str(tmp_path_factory.mktemp(f"teacher_{task_name}"))
+        module.model.save_pretrained(folder)
+        dm.tokenizer.save_pretrained(folder)
+        out[task_name] = folder
+    return out
+
+
+def _student(setup_data, task_name, folder, regimes):
+    backbone, cls_files, ner_files = setup_data
+    module, dm = task_setup((folder, cls_files, ner_files), task_name, regimes)
+    for regime in regimes:
+        regime.on_fit_start(module)
+    return module, dm
+
+
+def _padded_batch(dm, n=8):
+    return dm._collator()([dm._encoded["train"][i] for i in range(n)])
+
+
+def test_soft_label_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    s, t, temp = torch.randn(5, 3), torch.randn(5, 3), 3.0
+    p_t = torch.softmax(t / temp, -1)
+    hand = (p_t * (p_t.log() - torch.log_softmax(s / temp, -1))).sum(-1).mean() * temp ** 2
+    assert float(soft_label_loss(s, t, temp)) == pytest.approx(float(hand), rel=1e-5)
+    assert float(soft_label_loss(t, t, temp)) == pytest.approx(0.0, abs=1e-6)
+    assert uniform_layer_map(3, 6) == [2, 4, 6] and uniform_layer_map(2, 6) == [3, 6]
+
+
+@pytest.mark.parametrize("task_name", ["seq", "token"])
+def test_losses_vanish_when_student_equals_teacher_and_alpha_mixes(setup_data, saved_models, task_name):
+    folder = saved_models[task_name]
+    regime = Distillation(teacher=folder, alpha=0.3, temperature=2.0, hidden_weight=1.0, attention_weight=1.0)
+    module, dm = _student(setup_data, task_name, folder, [regime])
+    batch = _padded_batch(dm)
+    out = module._loss_fn(batch)
+    for key in ("loss_soft", "loss_hidden", "loss_attention"):
+        assert float(out.logs[key]) == pytest.approx(0.0, abs=1e-6), key
+    assert float(out.loss) == pytest.approx(0.7 * float(out.logs["loss_hard"]), rel=1e-5)
+    with torch.no_grad():  # a different student: every term becomes positive
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = module._loss_fn(batch)
+    assert all(float(out.logs[k]) > 1e-4 for k in ("loss_soft", "loss_hidden", "loss_attention"))
+    expected = 0.7 * out.logs["loss_hard"] + 0.3 * out.logs["loss_soft"] + out.logs["loss_hidden"] + out.logs["loss_attention"]
+    assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_token_soft_labels_ignore_unlabelled_and_padding_positions(setup_data, saved_models):
+    folder = saved_models["token"]
+    regime = Distillation(teacher=folder, alpha=1.0)
+    module, dm = _student(setup_data, "token", folder, [regime])
+    batch = _padded_batch(dm)
+    ignored = batch["labels"] == -100
+    assert ignored.any() and (batch["attention_mask"] == 0).any()
+    outputs = module.task.forward(module.model, batch)
+    rows = module.task.distillation_logits(outputs, batch)
+    assert rows.shape[0] == int((~ignored).sum())
+    outputs.logits[ignored] += 100.0  # whatever the model says at ignored positions ...
+    assert torch.equal(module.task.distillation_logits(outputs, batch), rows)  # ... is not distilled
+
+
+def test_teacher_gets_no_gradient_and_stays_out_of_the_checkpoint(setup_data, saved_models, tmp_path):
+    folder = saved_models["seq"]
+    from transformers import AutoConfig
+
+    student_cfg = {"model_type": "bert", "vocab_size": AutoConfig.from_pretrained(folder).vocab_size, "hidden_size": 16,
+                   "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 128}
+    backbone, cls_files, _ = setup_data
+    from datamodules import TextClassificationDataModule
+
+    dm = TextClassificationDataModule(tokenizer=folder, data_files=cls_files, batch_size=8)
+    regime = Distillation(teacher=folder, alpha=0.5, hidden_weight=1.0)
+    module = TaskModule(SequenceClassification(), backbone=folder, backbone_config=student_cfg, regimes=[regime], lr=1e-2)
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    teacher_before = {n: p.detach().clone() for n, p in regime.teacher.named_parameters()}
+    assert all(p.grad is None and not p.requires_grad for p in regime.teacher.parameters())
+    assert not regime.teacher.training
+    assert regime.projection is not None and regime.projection.weight.shape == (32, 16)  # widths differ: learned map
+    path = str(tmp_path / "student.ckpt")
+    trainer.save_checkpoint(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    assert not any("teacher" in k for k in state)
+    assert "regime_modules.0_projection.weight" in state  # the projection trains and is checkpointed
+    n_student = sum(p.numel() for p in module.model.parameters()) + sum(p.numel() for p in regime.projection.parameters())
+    assert sum(v.numel() for k, v in state.items() if k.startswith(("model.", "regime_modules."))) == n_student
+    optimised = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert id(regime.projection.weight) in optimised
+    assert not any(id(p) in optimised for p in regime.teacher.parameters())
+    assert all(torch.equal(p, teacher_before[n]) for n, p in regime.teacher.named_parameters())
+
+
+def test_layer_subset_student_has_the_chosen_teacher_layers(tmp_path):
+    teacher = write_tiny_model(str(tmp_path / "t4"), num_hidden_layers=4)
+    from transformers import AutoModel
+
+    full = AutoModel.from_pretrained(teacher)
+    from lightning_modules.backbones import Backbone
+
+    student = Backbone(teacher, layers=[0, 2]).from_pretrained(AutoModel)
+    assert len(student.encoder.layer) == 2 and student.config.num_hidden_layers == 2
+    for s_idx, t_idx in ((0, 0), (1, 2)):
+        for (name, p), (_, q) in zip(student.encoder.layer[s_idx].named_parameters(),
+                                     full.encoder.layer[t_idx].named_parameters()):
+            assert torch.equal(p, q), name
+    assert torch.equal(student.embeddings.word_embeddings.weight, full.embeddings.word_embeddings.weight)
+    with pytest.raises(ValueError, match="backbone_layers must be distinct layer indices"):
+        Backbone(teacher, layers=[0, 4]).from_pretrained(AutoModel)
+
+
+def test_composes_with_pgd_one_teacher_pass_per_batch(setup_data, saved_models, tmp_path):
+    folder = saved_models["seq"]
+    regime = Distillation(teacher=folder, alpha=0.5)
+    module, dm = task_setup((folder, *setup_data[1:]), "seq", [PGD(eps=0.5, steps=2), regime])
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    assert regime.teacher_calls == 3  # PGD evaluates the loss 3 times a step; the teacher runs once
+    logs = trainer.callback_metrics
+    assert {"train/loss_soft", "train/loss_adv", "train/loss_clean"} <= set(logs)
+    assert all(math.isfinite(float(logs[k])) for k in ("train/loss_soft", "train/loss_adv"))
+
+
+@pytest.mark.parametrize("task_name", ["seq", "token"])
+def test_lora_student_moves_only_adapter_and_head(setup_data, saved_models, task_name, tmp_path):
+    folder = saved_models[task_name]
+    lora = Peft("LORA", {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]})
+    regime = Distillation(teacher=folder, alpha=0.7, hidden_weight=0.5)
+    module, dm = task_setup((folder, *setup_data[1:]), task_name, [regime, lora])
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    moved = {n for n, p in module.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and all("lora_" in n or "modules_to_save" in n for n in moved), sorted(moved)
+    assert float(trainer.callback_metrics["train/loss_hidden"]) > 0
+
+
+def test_errors(setup_data, saved_models):
+    with pytest.raises(ValueError, match="alpha must be in"):
+        Distillation(teacher="minilm", alpha=1.5)
+    with pytest.raises(FileNotFoundError, match="teacher checkpoint"):
+        _student(setup_data, "seq", saved_models["seq"], [Distillation(teacher="/nonexistent/teacher.ckpt")])
+    with pytest.raises(ValueError, match="layer_map needs one teacher layer"):
+        _student(setup_data, "seq", saved_models["seq"], [Distillation(teacher=saved_models["seq"], layer_map=[1, 5])])
