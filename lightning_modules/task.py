@@ -76,6 +76,10 @@ class Task:
         sequence tasks, the labelled (non-padding, non-ignored) tokens for token tasks."""
         raise NotImplementedError(f"{type(self).__name__} does not expose logits for distillation.")
 
+    def distillation_row_counts(self, batch: Batch) -> Tensor:
+        """How many rows of `distillation_logits` each example of the batch contributes (B,)."""
+        return batch["input_ids"].new_ones(batch["input_ids"].shape[0])
+
     def metrics(self) -> MetricCollection:
         """A fresh collection of the task's metrics (one is made per stage)."""
         raise NotImplementedError

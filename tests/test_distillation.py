@@ -168,3 +168,88 @@ def test_errors(setup_data, saved_models):
         _student(setup_data, "seq", saved_models["seq"], [Distillation(teacher="/nonexistent/teacher.ckpt")])
     with pytest.raises(ValueError, match="layer_map needs one teacher layer"):
         _student(setup_data, "seq", saved_models["seq"], [Distillation(teacher=saved_models["seq"], layer_map=[1, 5])])
+
+
+@pytest.mark.parametrize("task_name", ["seq", "token"])
+def test_teacher_cache_skips_the_teacher_and_trains_the_same(setup_data, saved_models, task_name, tmp_path):
+    folder = saved_models[task_name]
+    runs = {}
+    for run in ("live", "first", "second"):
+        regime = Distillation(teacher=folder, alpha=0.8, cache_teacher=run != "live", cache_dir=str(tmp_path / "cache"))
+        module, dm = task_setup((folder, *setup_data[1:]), task_name, [regime])
+        trainer = make_trainer(tmp_path, max_epochs=2, limit_val_batches=1, num_sanity_val_steps=0)
+        trainer.fit(module, datamodule=dm)
+        with torch.no_grad():  # the trained student's predictions (key biases, whose gradient is 0 up to
+            # rounding, move by Adam's noise and cannot be compared; the outputs they do not affect can)
+            logits = module.task.forward(module.model.eval(), _padded_batch(dm)).logits
+        runs[run] = (regime.teacher_calls, logits)
+    steps = 2 * len(dm.train_dataloader())
+    assert runs["live"][0] == steps  # one teacher pass per step without the cache
+    assert 0 < runs["first"][0] < steps  # one pass over the training split, before the first step
+    assert runs["second"][0] == 0  # the cache on disk: no teacher forward at all
+    torch.testing.assert_close(runs["first"][1], runs["live"][1], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(runs["second"][1], runs["first"][1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cache_teacher keeps soft labels only"):
+        Distillation(teacher=folder, cache_teacher=True, hidden_weight=1.0)
+
+
+def test_distilled_student_beats_the_same_student_without_teacher(tmp_path):
+    """A 1-layer random student on 24 labelled rows: with a teacher trained on 240 rows it generalises."""
+    import lightning as L
+    from transformers import AutoConfig
+
+    from datamodules import TextClassificationDataModule
+    from tests.helpers import toy_sentiment_rows, write_jsonl
+
+    backbone = write_tiny_model(str(tmp_path / "tiny"))
+    validation = write_jsonl(str(tmp_path / "v.jsonl"), toy_sentiment_rows(60, 1))
+    big = {"train": write_jsonl(str(tmp_path / "big.jsonl"), toy_sentiment_rows(240, 0)), "validation": validation}
+    small = {"train": write_jsonl(str(tmp_path / "small.jsonl"), toy_sentiment_rows(24, 5)), "validation": validation}
+    L.seed_everything(0)
+    dm = TextClassificationDataModule(tokenizer=backbone, data_files=big, batch_size=16)
+    teacher = TaskModule(SequenceClassification(), backbone=backbone, lr=3e-3)
+    trainer = make_trainer(tmp_path, max_epochs=6)
+    trainer.fit(teacher, datamodule=dm)
+    assert float(trainer.callback_metrics["val/accuracy"]) > 0.95
+    folder = str(tmp_path / "teacher")
+    teacher.model.save_pretrained(folder)
+    dm.tokenizer.save_pretrained(folder)
+    cfg = AutoConfig.from_pretrained(folder).to_dict()
+    student_cfg = {k: cfg[k] for k in ("model_type", "vocab_size", "hidden_size", "num_attention_heads",
+                                       "intermediate_size", "max_position_embeddings")}
+    student_cfg["num_hidden_layers"] = 1
+    accuracy = {}
+    for name, regimes in (("plain", []), ("distilled", [Distillation(teacher=folder, alpha=0.9, hidden_weight=1.0)])):
+        L.seed_everything(0)
+        dm = TextClassificationDataModule(tokenizer=folder, data_files=small, batch_size=8)
+        student = TaskModule(SequenceClassification(), backbone=folder, backbone_config=student_cfg, regimes=regimes, lr=3e-3)
+        trainer = make_trainer(tmp_path, max_epochs=30)
+        trainer.fit(student, datamodule=dm)
+        accuracy[name] = float(trainer.callback_metrics["val/accuracy"])
+    assert accuracy["distilled"] > accuracy["plain"] + 0.1, accuracy
+
+
+def test_report_puts_the_student_next_to_its_teacher(setup_data, saved_models, tmp_path):
+    import json
+
+    from callbacks import DistillationReport
+    from datamodules import TextClassificationDataModule
+
+    folder = saved_models["seq"]
+    _, cls_files, _ = setup_data
+    dm = TextClassificationDataModule(tokenizer=folder, data_files={**cls_files, "test": cls_files["validation"]}, batch_size=4)
+    student = TaskModule(SequenceClassification(), backbone=folder, backbone_layers=[1],
+                         regimes=[Distillation(teacher=folder, alpha=0.5)], lr=1e-2)
+    report = DistillationReport()
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
+                           callbacks=[report])
+    trainer.fit(student, datamodule=dm)
+    metrics = trainer.test(student, datamodule=dm, verbose=False)[0]
+    r = report.report
+    assert r["student"]["parameters"] < r["teacher"]["parameters"]
+    assert r["retention_pct"] == pytest.approx(100 * r["student"]["accuracy"] / r["teacher"]["accuracy"])
+    assert r["student"]["accuracy"] == pytest.approx(metrics["test/accuracy"])  # the same batches as the test loop
+    assert metrics["test/retention_pct"] == pytest.approx(r["retention_pct"], rel=1e-5)
+    assert metrics["test/speedup"] > 0 and "test/teacher_accuracy" in metrics
+    with open(tmp_path / "distillation_report.json") as f:
+        assert json.load(f)["speedup"] == pytest.approx(r["speedup"])

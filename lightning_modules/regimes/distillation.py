@@ -22,6 +22,8 @@ from lightning_modules.task import Batch, LossFn, StepOutput, Task
 if TYPE_CHECKING:
     from lightning_modules.module import TaskModule
 
+CACHE_VERSION = 1  # part of the soft-label cache key: bump when what is cached changes
+
 
 def load_teacher(source: str, task: Task, data_info: Mapping[str, Any]) -> nn.Module:
     """A frozen teacher in eval mode from a `finetune` checkpoint (.ckpt, full or adapter-only), an
@@ -98,12 +100,21 @@ class Distillation(Regime):
             head counts on the mapped layers.
         layer_map: teacher layer (1..L_teacher) matched by each student layer, e.g. [2, 4, 6] for a
             3-layer student of a 6-layer teacher; default: uniform ("every k-th layer").
+        cache_teacher: compute the teacher's soft labels for the whole training split once, before the
+            first step, and keep them on disk keyed by the teacher's weights and the tokenized data, so
+            later epochs and runs skip the teacher (soft labels only: hidden_weight and
+            attention_weight must be 0).
+        cache_dir: where the cache lives; default `<HF datasets cache>/finetune-lab/teacher-logits`.
     """
 
     name = "distill"
 
     def __init__(self, teacher: str, alpha: float = 0.5, temperature: float = 2.0, hidden_weight: float = 0.0,
-                 attention_weight: float = 0.0, layer_map: list[int] | None = None) -> None:
+                 attention_weight: float = 0.0, layer_map: list[int] | None = None, cache_teacher: bool = False,
+                 cache_dir: str | None = None) -> None:
+        if cache_teacher and (hidden_weight or attention_weight):
+            raise ValueError("Distillation: cache_teacher keeps soft labels only; set hidden_weight and "
+                             "attention_weight to 0, or cache_teacher to false.")
         if not 0 <= alpha <= 1:
             raise ValueError(f"Distillation: alpha must be in [0, 1], got {alpha}.")
         if temperature <= 0 or hidden_weight < 0 or attention_weight < 0:
@@ -113,8 +124,11 @@ class Distillation(Regime):
         self.hidden_weight, self.attention_weight, self.layer_map = hidden_weight, attention_weight, layer_map
         self.teacher: nn.Module | None = None
         self.projection: nn.Module | None = None
+        self.cache_teacher, self.cache_dir = cache_teacher, cache_dir
         self.teacher_calls = 0  # teacher forward passes (observability; counted by tests)
         self._last: tuple[Tensor, Any] | None = None
+        self._cache: dict[int, Tensor] | None = None
+        self.cache_path: str | None = None
 
     # ---------------------------------------------------------------- building
     def configure_model(self, model: nn.Module, task: Task) -> nn.Module:
@@ -153,6 +167,12 @@ class Distillation(Regime):
         return {}
 
     def on_fit_start(self, module: "TaskModule") -> None:
+        self.ensure_teacher(module)
+        if self.cache_teacher:
+            self._cache = self._soft_label_cache(module)
+
+    def ensure_teacher(self, module: "TaskModule") -> nn.Module:
+        """Load the teacher (once), check it against the student and move it to the student's device."""
         if self.teacher is None:
             self.teacher = load_teacher(self.source, self.task, module.data_info)
         teacher_cfg, student_cfg = self.teacher.config, module.model.config
@@ -167,7 +187,45 @@ class Distillation(Regime):
         if len(self.map) != n_student or not all(1 <= t <= n_teacher for t in self.map):
             raise ValueError(f"Distillation: layer_map needs one teacher layer in 1..{n_teacher} per student layer "
                              f"({n_student}), got {self.map}.")
-        self.teacher.to(module.device)
+        return self.teacher.to(module.device)
+
+    def _soft_label_cache(self, module: "TaskModule") -> dict[int, Tensor]:
+        """Training-row index -> the teacher's distillation logits for that row, from disk or computed now."""
+        from datasets import config as datasets_config
+        from datasets.fingerprint import Hasher
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        from datamodules.sampling import EvalSampler
+        from lightning_modules.module import frozen_fingerprint
+
+        dm = module.trainer.datamodule
+        train = dm._encoded["train"]
+        key = Hasher.hash([frozen_fingerprint(self.teacher), train._fingerprint, type(self.task).__name__, CACHE_VERSION])
+        root = self.cache_dir or os.path.join(datasets_config.HF_DATASETS_CACHE, "finetune-lab", "teacher-logits")
+        self.cache_path = os.path.join(root, f"{key}.pt")
+        if os.path.isfile(self.cache_path):
+            stored = torch.load(self.cache_path, map_location="cpu", weights_only=True)
+        else:
+            loader = DataLoader(train, batch_size=dm.hparams.eval_batch_size or 2 * dm.hparams.batch_size,
+                                sampler=EvalSampler(train["length"]), collate_fn=dm._collator())
+            indices, counts, rows = [], [], []
+            rank0 = module.trainer.is_global_zero
+            for batch in tqdm(loader, desc="Caching the teacher's soft labels", disable=not rank0):
+                batch = module.transfer_batch_to_device(batch, module.device, 0)
+                with torch.no_grad():
+                    outputs = module.task.forward(self.teacher, batch)
+                self.teacher_calls += 1
+                rows.append(self.task.distillation_logits(outputs, batch).cpu())
+                counts.append(self.task.distillation_row_counts(batch).cpu())
+                indices.append(batch["index"].cpu())
+            stored = {"index": torch.cat(indices), "counts": torch.cat(counts), "logits": torch.cat(rows)}
+            if rank0:
+                os.makedirs(root, exist_ok=True)
+                torch.save(stored, self.cache_path + ".tmp")
+                os.replace(self.cache_path + ".tmp", self.cache_path)
+        per_row = torch.split(stored["logits"], stored["counts"].tolist())
+        return dict(zip(stored["index"].tolist(), per_row))
 
     # ---------------------------------------------------------------- loss
     def _teacher_outputs(self, module: "TaskModule", batch: Batch) -> Any:
@@ -183,14 +241,16 @@ class Distillation(Regime):
     def wrap_loss(self, loss_fn: LossFn, module: "TaskModule") -> LossFn:
         def distillation_loss(batch: Batch, inputs_embeds: Tensor | None = None) -> StepOutput:
             out = loss_fn(batch, inputs_embeds=inputs_embeds)
-            teacher = self._teacher_outputs(module, batch)
+            teacher = None if self._cache is not None else self._teacher_outputs(module, batch)
             task = module.task
             logs = dict(out.logs)
             logs["loss_hard"] = out.loss.detach()
             loss = out.loss
             if self.alpha:
-                soft = soft_label_loss(task.distillation_logits(out.outputs, batch),
-                                       task.distillation_logits(teacher, batch), self.temperature)
+                student_rows = task.distillation_logits(out.outputs, batch)
+                teacher_rows = task.distillation_logits(teacher, batch) if teacher is not None else \
+                    torch.cat([self._cache[i] for i in batch["index"].tolist()]).to(student_rows.device)
+                soft = soft_label_loss(student_rows, teacher_rows, self.temperature)
                 loss = (1 - self.alpha) * loss + self.alpha * soft
                 logs["loss_soft"] = soft.detach()
             mask = batch["attention_mask"].bool()

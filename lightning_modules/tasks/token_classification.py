@@ -75,6 +75,9 @@ class TokenClassification(Task):
         logits = self.token_logits(outputs, batch).float()
         return logits[batch["labels"] != -100]  # (labelled tokens, num_tags)
 
+    def distillation_row_counts(self, batch: Batch) -> Tensor:
+        return (batch["labels"] != -100).sum(1)
+
     def metrics(self) -> MetricCollection:
         return MetricCollection({"entity": EntityScores(self.label_names, self.mode, self.scheme)})
 
