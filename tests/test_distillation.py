@@ -253,3 +253,19 @@ def test_report_puts_the_student_next_to_its_teacher(setup_data, saved_models, t
     assert metrics["test/speedup"] > 0 and "test/teacher_accuracy" in metrics
     with open(tmp_path / "distillation_report.json") as f:
         assert json.load(f)["speedup"] == pytest.approx(r["speedup"])
+
+
+def test_hidden_and_attention_losses_ignore_padding(setup_data, saved_models):
+    folder = saved_models["seq"]
+    regime = Distillation(teacher=folder, alpha=0.0, hidden_weight=1.0, attention_weight=1.0)
+    module, dm = _student(setup_data, "seq", folder, [regime])
+    batch = _padded_batch(dm)
+    mask = batch["attention_mask"].bool()
+    student = module.task.forward(module.model, batch)
+    teacher = module.task.forward(regime.teacher, batch)
+    hidden = regime.hidden_loss(student.hidden_states, teacher.hidden_states, mask)
+    attention = regime.attention_loss(student.attentions, teacher.attentions, mask)
+    noisy_hidden = tuple(h.masked_fill(~mask[..., None], 7.0) for h in student.hidden_states)
+    noisy_attention = tuple(a.masked_fill(~mask[:, None, :, None], 0.5) for a in student.attentions)  # pad query rows
+    assert torch.equal(regime.hidden_loss(noisy_hidden, teacher.hidden_states, mask), hidden)
+    assert torch.equal(regime.attention_loss(noisy_attention, teacher.attentions, mask), attention)
