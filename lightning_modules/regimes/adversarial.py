@@ -208,7 +208,9 @@ class PGD(EmbeddingAdversary):
     trained on clean + alpha * (loss at the final perturbation).
 
     Args:
-        eps: radius of the ball (per example, or over the batch with per_example=False).
+        eps: radius of the ball (per example, or over the batch with per_example=False). Three steps find
+            much stronger perturbations than FGM's one: on minilm / SST-2, eps 1.0 collapsed training to
+            one class, hence the smaller default.
         steps: number of ascent steps K.
         step_size: size of one step; default 2.5 * eps / steps (Madry et al.).
         alpha: weight of the adversarial loss.
@@ -218,7 +220,7 @@ class PGD(EmbeddingAdversary):
 
     name = "pgd"
 
-    def __init__(self, eps: float = 1.0, steps: int = 3, step_size: float | None = None, alpha: float = 1.0,
+    def __init__(self, eps: float = 0.25, steps: int = 3, step_size: float | None = None, alpha: float = 1.0,
                  norm: Norm = "l2", per_example: bool = True, random_start: bool = False) -> None:
         super().__init__(norm, per_example)
         if eps < 0 or alpha < 0 or steps < 1:
