@@ -22,15 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
 
 for _k, _v in dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false").items():
     os.environ.setdefault(_k, _v)
 
-from common import REPO, sst2_setup  # noqa: E402  (benchmarks/common.py)
+from common import REPO, run_child, sst2_setup  # noqa: E402  (benchmarks/common.py)
 
 LORA = ("Peft", dict(peft_type="LORA", config=dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])))
 SYSTEMS = {
@@ -104,14 +101,7 @@ def child(name: str, phase: str, n_train: int | None, out: str) -> None:
 def run_phase(phase: str, systems: list[str], n_train: int | None) -> dict[str, dict]:
     results = {}
     for name in systems:
-        out = tempfile.mktemp(suffix=".json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--phase", phase, "--child_out", out]
-        if n_train:
-            cmd += ["--n_train", str(n_train)]
-        load = os.getloadavg()[0]
-        subprocess.run(cmd, check=True, cwd=REPO)
-        with open(out) as f:
-            results[name] = dict(json.load(f), load_before=round(load, 2))
+        results[name] = run_child(__file__, ["--child", name, "--phase", phase] + (["--n_train", str(n_train)] if n_train else []))
         r = results[name]
         if phase == "timing":
             print(f"[timing] {name:9s} {r['s_per_step']} s/step", flush=True)

@@ -1,7 +1,11 @@
 """What the SST-2 benchmark scripts share: the data settings of benchmarks/accuracy_sst2.py and the module."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("FINETUNE_SHARED", os.path.join(REPO, "..", "shared"))
@@ -26,3 +30,13 @@ def sst2_setup(lr: float, regime_specs: list, n_train: int | None = None, backbo
     module = TaskModule(SequenceClassification(), backbone=backbone, lr=lr, weight_decay=0.01, warmup=0.06,
                         regimes=[getattr(regimes, cls)(**kw) for cls, kw in regime_specs], **module_kw)
     return dm, module
+
+
+def run_child(script: str, child_args: list[str]) -> dict:
+    """Run `script --child_out FILE <child_args>` in its own process (so its peak RSS and threads are its
+    own) and return the JSON it wrote, with the 1-minute load average seen before it started."""
+    out = tempfile.mktemp(suffix=".json")
+    load = os.getloadavg()[0]
+    subprocess.run([sys.executable, os.path.abspath(script), "--child_out", out, *child_args], check=True, cwd=REPO)
+    with open(out) as f:
+        return dict(json.load(f), load_before=round(load, 2))

@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
 for _k, _v in dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false").items():
     os.environ.setdefault(_k, _v)
 
-from common import REPO, sst2_setup  # noqa: E402  (benchmarks/common.py)
+from common import REPO, run_child, sst2_setup  # noqa: E402  (benchmarks/common.py)
 
 STUDENTS = {"3-layer": [0, 2, 4], "2-layer": [0, 3]}
 
@@ -48,8 +46,8 @@ def child(spec: dict, out: str) -> None:
     train_s = time.perf_counter() - start
     model = module.model.eval()
     loader = dm.val_dataloader()
-    with torch.no_grad():  # inference speed on the validation set, after one warm-up pass
-        for timed in (False, True):
+    with torch.no_grad():  # inference speed on the validation set; the first of the two passes warms up
+        for _ in range(2):
             t0, rows = time.perf_counter(), 0
             for batch in loader:
                 module.task.forward(model, batch)
@@ -63,11 +61,7 @@ def child(spec: dict, out: str) -> None:
 
 
 def run(spec: dict) -> dict:
-    out = tempfile.mktemp(suffix=".json")
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec), "--child_out", out],
-                   check=True, cwd=REPO)
-    with open(out) as f:
-        return json.load(f)
+    return run_child(__file__, ["--child", json.dumps(spec)])
 
 
 def main() -> None:

@@ -15,15 +15,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 
 for _k, _v in dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false").items():
     os.environ.setdefault(_k, _v)
 
-from common import REPO, sst2_setup  # noqa: E402  (benchmarks/common.py)
+from common import REPO, run_child, sst2_setup  # noqa: E402  (benchmarks/common.py)
 
 SYSTEMS = {
     "full": dict(lr=5e-5, regimes=[]),
@@ -97,14 +95,7 @@ def main() -> None:
         return child(args.child, args.n_train, args.child_out)
     results = []
     for name in args.systems:
-        out = tempfile.mktemp(suffix=".json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--child_out", out]
-        if args.n_train:
-            cmd += ["--n_train", str(args.n_train)]
-        load = os.getloadavg()[0]
-        subprocess.run(cmd, check=True, cwd=REPO)
-        with open(out) as f:
-            results.append(dict(json.load(f), load_before=round(load, 2)))
+        results.append(run_child(__file__, ["--child", name] + (["--n_train", str(args.n_train)] if args.n_train else [])))
         r = results[-1]
         print(f"{name:7s} acc {r['val_accuracy']:.4f} ({r['val_correct']}/872)  trainable {r['trainable_params']:,} "
               f"({100 * r['trainable_share']:.2f} %)  {r['train_samples_per_s']} samples/s  {r['s_per_step']} s/step  "

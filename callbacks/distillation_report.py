@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.batches import device_batches
+
 
 class DistillationReport(L.Callback):
     """Scores student and teacher on the test batches and times their forward passes on them.
@@ -33,10 +35,7 @@ class DistillationReport(L.Callback):
             model.eval()
             metrics = task.metrics().to(pl_module.device)
             seconds, rows = 0.0, 0
-            for i, batch in enumerate(trainer.test_dataloaders):
-                if limit is not None and i >= limit:
-                    break
-                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+            for i, batch in device_batches(pl_module, trainer.test_dataloaders, limit):
                 with torch.no_grad(), trainer.precision_plugin.forward_context():
                     if pl_module.device.type == "cuda":
                         torch.cuda.synchronize()

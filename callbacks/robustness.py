@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from callbacks.batches import device_batches
 from lightning_modules.module import batch_size_of
 from lightning_modules.regimes.adversarial import Norm, embed, grad_scale, pgd_attack, token_mask
 
@@ -99,10 +100,7 @@ class RobustnessEval(L.Callback):
 
     def _run(self, trainer, pl_module, loader, eps, limit, metrics, loss_metric) -> Tensor:
         task, model = pl_module.task, pl_module.model
-        for i, batch in enumerate(loader):
-            if limit is not None and i >= limit:
-                break
-            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+        for _, batch in device_batches(pl_module, loader, limit):
             batch = {k: v.clone() if isinstance(v, Tensor) else v for k, v in batch.items()}
             with trainer.precision_plugin.forward_context():
                 if eps is None:

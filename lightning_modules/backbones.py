@@ -42,20 +42,28 @@ def _not_found(name: str, what: str, err: Exception) -> BackboneError:
     )
 
 
-def encoder_layers(model):
-    """The ModuleList of transformer layers of an HF model (BERT-, GPT-, T5-style names)."""
+_LAYER_PATHS = ("encoder.layer", "encoder.layers", "layers", "h", "transformer.layer", "block")
+
+
+def _layers_slot(model):
+    """(owner module, attribute name) of the ModuleList of transformer layers (BERT-, GPT-, T5-style names)."""
     from torch import nn
 
     base = getattr(model, "base_model", model)
-    for path in ("encoder.layer", "encoder.layers", "layers", "h", "transformer.layer", "block"):
-        obj = base
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
+    for path in _LAYER_PATHS:
+        *owner_path, attr = path.split(".")
+        owner = base
+        for part in owner_path:
+            owner = getattr(owner, part, None)
+        if owner is not None and isinstance(getattr(owner, attr, None), nn.ModuleList):
+            return owner, attr
     raise BackboneError(f"Cannot find the transformer layers of {type(base).__name__}.")
+
+
+def encoder_layers(model):
+    """The ModuleList of transformer layers of an HF model."""
+    owner, attr = _layers_slot(model)
+    return getattr(owner, attr)
 
 
 def keep_layers(model, layers: list[int]):
@@ -63,20 +71,12 @@ def keep_layers(model, layers: list[int]):
     student initialised from the teacher's weights, as DistilBERT was. Updates the config's layer count."""
     from torch import nn
 
-    blocks = encoder_layers(model)
+    owner, attr = _layers_slot(model)
+    blocks = getattr(owner, attr)
     bad = [i for i in layers if not 0 <= i < len(blocks)]
     if not layers or bad or len(set(layers)) != len(layers):
         raise BackboneError(f"backbone_layers must be distinct layer indices in [0, {len(blocks) - 1}], got {layers}.")
-    kept = nn.ModuleList([blocks[i] for i in layers])
-    parent = getattr(model, "base_model", model)
-    for path in ("encoder.layer", "encoder.layers", "layers", "h", "transformer.layer", "block"):
-        *owner_path, attr = path.split(".")
-        owner = parent
-        for part in owner_path:
-            owner = getattr(owner, part, None)
-        if owner is not None and getattr(owner, attr, None) is blocks:
-            setattr(owner, attr, kept)
-            break
+    setattr(owner, attr, nn.ModuleList([blocks[i] for i in layers]))
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if hasattr(model.config, key):
             setattr(model.config, key, len(layers))

@@ -237,10 +237,12 @@ class PGD(EmbeddingAdversary):
         inner = InnerBackward(module)
         g = inner.backward(clean.loss, embeds)
 
-        def loss_at(delta: Tensor) -> Tensor:
-            return loss_fn(batch, inputs_embeds=embed(module, batch).detach() + delta).loss
+        clean_embeds = embeds.detach()
 
-        delta = pgd_attack(loss_at, lambda loss, d: input_grad(loss, d, module), embeds.detach(), mask, g, self.eps, self.steps,
+        def loss_at(delta: Tensor) -> Tensor:  # inner steps: only the perturbation is differentiated
+            return loss_fn(batch, inputs_embeds=clean_embeds + delta).loss
+
+        delta = pgd_attack(loss_at, lambda loss, d: input_grad(loss, d, module), clean_embeds, mask, g, self.eps, self.steps,
                            self.step_size, self.norm, self.per_example, self.random_start)
         adv_embeds = embed(module, batch)
         adv = loss_fn(batch, inputs_embeds=adv_embeds + delta)
