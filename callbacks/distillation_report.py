@@ -40,7 +40,7 @@ class DistillationReport(L.Callback):
                     if pl_module.device.type == "cuda":
                         torch.cuda.synchronize()
                     start = time.perf_counter()
-                    outputs = task.forward(model, batch)
+                    outputs = task.evaluate(model, batch)
                     if pl_module.device.type == "cuda":
                         torch.cuda.synchronize()
                     if i > 0 or seconds == 0.0:  # the first batch warms up (unless it is the only one)

@@ -105,11 +105,11 @@ class RobustnessEval(L.Callback):
             with trainer.precision_plugin.forward_context():
                 if eps is None:
                     with torch.no_grad():
-                        outputs = task.forward(model, batch)
+                        outputs = task.evaluate(model, batch)
                 else:
                     delta = self.attack(pl_module, batch, eps)
                     with torch.no_grad():
-                        outputs = task.forward(model, batch, inputs_embeds=embed(pl_module, batch) + delta)
+                        outputs = task.evaluate(model, batch, inputs_embeds=embed(pl_module, batch) + delta)
                 with torch.no_grad():
                     loss_metric.update(task.loss(outputs, batch), weight=batch_size_of(batch))
             task.update_metrics(metrics, outputs, batch)

@@ -1,4 +1,5 @@
+from datamodules.seq2seq import Seq2SeqDataModule
 from datamodules.text_classification import TextClassificationDataModule
 from datamodules.token_classification import TokenClassificationDataModule
 
-__all__ = ["TextClassificationDataModule", "TokenClassificationDataModule"]
+__all__ = ["Seq2SeqDataModule", "TextClassificationDataModule", "TokenClassificationDataModule"]

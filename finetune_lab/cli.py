@@ -18,7 +18,7 @@ import yaml
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from callbacks import DistillationReport, HFExport, JsonlPredictionWriter, PerTypeReport, RobustnessEval, RunSummary, TaskCheckpoint
+from callbacks import DistillationReport, GenerationSamples, HFExport, JsonlPredictionWriter, PerTypeReport, RobustnessEval, RunSummary, TaskCheckpoint
 from lightning_modules import TaskModule
 
 DEFAULT_CALLBACKS = [
@@ -91,6 +91,7 @@ class FinetuneCLI(LightningCLI):
         parser.add_lightning_class_args(PerTypeReport, "per_type_report")
         parser.add_lightning_class_args(RobustnessEval, "robustness")
         parser.add_lightning_class_args(DistillationReport, "distillation_report")
+        parser.add_lightning_class_args(GenerationSamples, "generation_samples")
         parser.link_arguments("model.backbone", "data.init_args.tokenizer")
         parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS})
 

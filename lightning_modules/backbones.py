@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 MINILM_ALIAS = "minilm"
@@ -99,12 +99,17 @@ class Backbone:
     name: str
     config: dict[str, Any] | None = None
     layers: list[int] | None = None
-    path: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.path = resolve_backbone(self.name)
+        if self.config is None:
+            resolve_backbone(self.name)  # fail early on a missing folder; with a config the tokenizer folder may
+            # still be written by the DataModule (e.g. a tokenizer trained on the training split)
         if self.config is not None and "model_type" not in self.config:
             raise BackboneError("backbone_config needs a 'model_type' key (e.g. 'bert') to build a model from scratch.")
+
+    @property
+    def path(self) -> str:
+        return resolve_backbone(self.name)
 
     def tokenizer(self):
         return load_tokenizer(self.name)

@@ -215,7 +215,7 @@ class TaskModule(L.LightningModule):
         return out.loss
 
     def _eval_step(self, batch: Batch, metrics, loss_metric) -> None:
-        outputs = self.task.forward(self._require_model(), batch)
+        outputs = self.task.evaluate(self._require_model(), batch)
         loss_metric.update(self.task.loss(outputs, batch), weight=batch_size_of(batch))
         self.task.update_metrics(metrics, outputs, batch)
 
@@ -236,10 +236,12 @@ class TaskModule(L.LightningModule):
     # States are re-created at each epoch start, under the grad mode of that loop: a state made under
     # `trainer.validate`'s inference mode cannot be updated later in fit's no_grad validation.
     def on_validation_epoch_start(self) -> None:
+        self.task.on_eval_epoch_start("validate")
         self.val_metrics.reset()
         self.val_loss.reset()
 
     def on_test_epoch_start(self) -> None:
+        self.task.on_eval_epoch_start("test")
         self.test_metrics.reset()
         self.test_loss.reset()
 
@@ -253,8 +255,11 @@ class TaskModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log_dict(self._log_epoch("test", self.test_metrics, self.test_loss), sync_dist=True)
 
+    def on_predict_epoch_start(self) -> None:
+        self.task.on_eval_epoch_start("predict")
+
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Any]]:
-        return self.task.decode(self.task.forward(self._require_model(), batch), batch)
+        return self.task.decode(self.task.evaluate(self._require_model(), batch), batch)
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):

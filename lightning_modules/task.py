@@ -39,6 +39,9 @@ class Task:
     """
 
     peft_task_type: str | None = None
+    # True: build_model adds a new, randomly initialised head (trained in full next to a peft adapter);
+    # False: the head is pretrained (e.g. a language-model head) and stays frozen like the backbone.
+    new_head: bool = True
     monitor: str = "loss"
     monitor_mode: str = "min"
 
@@ -61,6 +64,14 @@ class Task:
             inputs["inputs_embeds"] = inputs_embeds
         return model(**inputs, **self.extra_outputs)
 
+    def on_eval_epoch_start(self, stage: str) -> None:
+        """Called as a validation ("validate"), test ("test") or predict ("predict") epoch starts."""
+
+    def evaluate(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> Any:
+        """What validation, test and predict score or decode: the forward pass here; generation tasks also
+        generate (their outputs carry the generated sequences)."""
+        return self.forward(model, batch, inputs_embeds=inputs_embeds)
+
     @property
     def extra_outputs(self) -> dict[str, bool]:
         """Extra outputs every forward asks for, set by regimes (e.g. `output_hidden_states` for distillation)."""
@@ -75,6 +86,10 @@ class Task:
         """(N, C) logits of the N positions a teacher's soft labels apply to: one row per example for
         sequence tasks, the labelled (non-padding, non-ignored) tokens for token tasks."""
         raise NotImplementedError(f"{type(self).__name__} does not expose logits for distillation.")
+
+    # False where the model's outputs have no `hidden_states` / `attentions` over the input tokens
+    # (encoder-decoders): distillation then offers only the soft-label loss.
+    supports_feature_distillation: bool = True
 
     def distillation_row_counts(self, batch: Batch) -> Tensor:
         """How many rows of `distillation_logits` each example of the batch contributes (B,)."""

@@ -158,3 +158,42 @@ def write_two_task_data(folder: str, **model_overrides) -> tuple[str, dict, dict
     ner_files = {"train": write_conll(os.path.join(folder, "t.conll"), toy_ner_sentences(64, 0)),
                  "validation": write_conll(os.path.join(folder, "v.conll"), toy_ner_sentences(16, 1))}
     return backbone, cls_files, ner_files
+
+
+# A toy "language pair": every source word has one target word; the target keeps the word order.
+SRC_WORDS = ["the", "cat", "dog", "sees", "a", "red", "big", "house", "runs", "small", "bird", "eats"]
+TGT_WORDS = ["der", "katze", "hund", "sieht", "ein", "rot", "gross", "haus", "rennt", "klein", "vogel", "isst"]
+LEXICON = dict(zip(SRC_WORDS, TGT_WORDS))
+
+
+def toy_translation_rows(n: int, seed: int, min_words: int = 2, max_words: int = 5) -> list[dict]:
+    """Learnable toy translation pairs {"en": ..., "de": ...}: word-by-word substitution."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(SRC_WORDS) for _ in range(rng.randint(min_words, max_words))]
+        rows.append({"en": " ".join(words), "de": " ".join(LEXICON[w] for w in words)})
+    return rows
+
+
+def tiny_marian_config(**overrides) -> dict:
+    """A 2+2-layer, width-32 Marian-style encoder-decoder; vocabulary and special ids come from the tokenizer."""
+    cfg = dict(model_type="marian", d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+               decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+               dropout=0.0, attention_dropout=0.0, activation_function="relu", scale_embedding=True,
+               share_encoder_decoder_embeddings=True, tie_word_embeddings=True)
+    cfg.update(overrides)
+    return cfg
+
+
+def write_translation_data(folder: str, n_train: int = 200, n_val: int = 31, n_test: int = 20) -> dict:
+    """Toy translation splits (jsonl) plus a byte-level BPE tokenizer trained on the training split."""
+    from datamodules.tokenizer_training import train_tokenizer
+
+    train = toy_translation_rows(n_train, seed=0)
+    files = {"train": write_jsonl(os.path.join(folder, "train.jsonl"), train),
+             "validation": write_jsonl(os.path.join(folder, "validation.jsonl"), toy_translation_rows(n_val, seed=1)),
+             "test": write_jsonl(os.path.join(folder, "test.jsonl"), toy_translation_rows(n_test, seed=2))}
+    tokenizer = os.path.join(folder, "tokenizer")
+    train_tokenizer([r["en"] for r in train] + [r["de"] for r in train], tokenizer, vocab_size=300, min_frequency=1)
+    return {"files": files, "tokenizer": tokenizer}

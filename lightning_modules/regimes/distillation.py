@@ -133,6 +133,9 @@ class Distillation(Regime):
     # ---------------------------------------------------------------- building
     def configure_model(self, model: nn.Module, task: Task) -> nn.Module:
         self.task = task
+        if (self.hidden_weight or self.attention_weight) and not task.supports_feature_distillation:
+            raise ValueError(f"Distillation: {type(task).__name__} supports the soft-label loss only (word-level KD "
+                             "over the target tokens); set hidden_weight and attention_weight to 0.")
         if self.hidden_weight:
             task.extra_outputs["output_hidden_states"] = True
         if self.attention_weight:

@@ -32,7 +32,8 @@ class Peft(Regime):
             PROMPT_TUNING, P_TUNING, ...).
         config: that method's config fields (e.g. `{r: 8, lora_alpha: 16, target_modules: [query, value]}`);
             `task_type` comes from the task.
-        modules_to_save: modules trained in full next to the adapter; default: the task head.
+        modules_to_save: modules trained in full next to the adapter; default: the task head when the task
+            adds a new one (none for seq2seq, whose LM head is pretrained).
             `[]` freezes the head too.
     """
 
@@ -68,10 +69,11 @@ class Peft(Regime):
         if task.peft_task_type is None:
             raise ValueError(f"Peft: the task {type(task).__name__} declares no peft task type.")
         kwargs = dict(self.config)
-        heads = head_module_names(model) if self.modules_to_save is None else list(self.modules_to_save)
+        heads = list(self.modules_to_save) if self.modules_to_save is not None else \
+            head_module_names(model) if task.new_head else []
         fields = {f.name for f in dataclasses.fields(self.config_cls)}
         if "modules_to_save" in fields:
-            kwargs["modules_to_save"] = heads
+            kwargs["modules_to_save"] = heads or None
         if self.peft_type == "ADALORA" and kwargs.get("total_step") is None:
             # placeholder that passes peft's checks; the trainer's real step count is set at fit start
             kwargs["total_step"] = kwargs.get("tinit", 0) + kwargs.get("tfinal", 0) + 1_000_000
