@@ -38,9 +38,7 @@ class StepTimer(L.Callback):
         self.seconds += time.perf_counter() - self._t
         self.tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # after the epoch's validation has logged
         m = trainer.callback_metrics
         self.epochs.append({"epoch": trainer.current_epoch + 1, "train_s_cumulative": round(self.seconds, 1),
                             "val_bleu_greedy": round(float(m["val/bleu"]), 2), "val_chrf_greedy": round(float(m["val/chrf"]), 2),
@@ -79,14 +77,13 @@ def main() -> None:
     test_start = time.perf_counter()
     test = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or "last", verbose=False)[0]
     test_s = time.perf_counter() - test_start
-    bleu = cli.model.test_metrics["bleu"]
     report = {
         "epochs": timer.epochs,
         "train_steps_s": round(timer.seconds, 1), "fit_s_with_validation": round(fit_s, 1),
         "tokens_per_s": round(timer.tokens / timer.seconds, 1),
         "test2016_beam5": {"bleu": round(test["test/bleu"], 2), "chrf": round(test["test/chrf"], 2),
                            "nll": round(test["test/nll"], 4), "checkpoint": best, "seconds": round(test_s, 1)},
-        "signatures": {"bleu": bleu.signature(), "chrf": cli.model.test_metrics["chrf"].signature()},
+        "signatures": cli.model.task.signatures(cli.model.test_metrics),
         "parameters": sum(p.numel() for p in cli.model.model.parameters()),
         "whole_process_s": round(time.perf_counter() - start, 1), "run_dir": cli.run_dir,
         "load_before": os.getloadavg()[0],

@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 
 from callbacks.batches import device_batches
 from lightning_modules.module import batch_size_of
-from lightning_modules.regimes.adversarial import Norm, embed, grad_scale, pgd_attack, token_mask
+from lightning_modules.regimes.adversarial import Norm, ascent_direction, embed, grad_scale, project, token_mask
 
 
 class RobustnessEval(L.Callback):
@@ -19,7 +19,7 @@ class RobustnessEval(L.Callback):
 
     - `val/<metric>_adv@<eps>` (`_adv_linf@<eps>` for L-inf): the metric under an L2 (or L-inf) PGD attack of radius eps per example on the
       input embeddings, `attack_steps` steps of `attack_step_size` (default 2.5 * eps / steps) that maximise
-      the task loss for the true labels;
+      the task loss for the true labels, keeping per example the iterate with the highest loss;
     - `val/<metric>_noise@<fraction>`: the metric on the validation text with one character swap or deletion
       in that fraction of the words (seeded per example; word counts never change, so NER tags stay aligned).
 
@@ -116,18 +116,29 @@ class RobustnessEval(L.Callback):
         return loss_metric.compute() if task.monitor == "loss" else metrics.compute()[task.monitor]
 
     def attack(self, pl_module: "L.LightningModule", batch: dict[str, Any], eps: float) -> Tensor:
-        """The PGD perturbation of the batch's input embeddings that raises the task loss (radius eps)."""
+        """The PGD perturbation of the batch's input embeddings (radius eps) that raises the task loss most:
+        per example, the iterate (the clean input included) with the highest loss, so the attack never
+        helps an example and a step that overshoots does not count (last-iterate PGD can end past the
+        loss peak, which makes a larger eps look weaker)."""
         task, model = pl_module.task, pl_module.model
         embeds = embed(pl_module, batch).detach()
+        mask = token_mask(batch, embeds)
         step_size = 2.5 * eps / self.attack_steps if self.attack_step_size is None else self.attack_step_size
-
-        def loss_at(delta: Tensor) -> Tensor:
-            return task.loss(task.forward(model, batch, inputs_embeds=embeds + delta), batch)
-
         scale = grad_scale(pl_module)  # fp16: scaled like training, or small gradients underflow to 0
-
-        def grad_of(loss: Tensor, delta: Tensor) -> Tensor:
-            return torch.autograd.grad(loss.float() * scale, [delta])[0]
-
-        return pgd_attack(loss_at, grad_of, embeds, token_mask(batch, embeds), None, eps, self.attack_steps,
-                          step_size, self.attack_norm, per_example=True)
+        delta = torch.zeros_like(embeds)
+        best, best_loss = delta.clone(), None
+        for k in range(self.attack_steps + 1):
+            last = k == self.attack_steps
+            delta = delta.detach().requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
+                losses = task.example_losses(task.forward(model, batch, inputs_embeds=embeds + delta), batch).float()
+            worse = torch.ones_like(losses, dtype=torch.bool) if best_loss is None else losses.detach() > best_loss
+            best[worse] = delta.detach()[worse]
+            best_loss = losses.detach() if best_loss is None else torch.where(worse, losses.detach(), best_loss)
+            if last:
+                break
+            # per-example ascent directions: the sum's gradient gives each example its own loss gradient
+            g = torch.autograd.grad(losses.sum() * scale, [delta])[0]
+            delta = project(delta.detach() + step_size * ascent_direction(g * mask, self.attack_norm, True), eps,
+                            self.attack_norm, True) * mask
+        return best

@@ -12,11 +12,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 
-from datamodules.loading import column_values
+from datamodules.loading import DataError, column_values, load_hub_dataset, load_local_split
 from datamodules.sampling import EvalSampler, LengthGroupedSampler, ResumableDataLoader
 from lightning_modules.backbones import load_tokenizer
 
@@ -38,11 +39,22 @@ def tokenizer_fingerprint(tokenizer) -> str:
 SPLITS = ("train", "validation", "test")
 
 
+def carve_validation(splits: dict[str, Dataset], hp, on_train=None, unit: str = "rows") -> None:
+    """Cut train to `max_train_samples`, let `on_train` see it, and hold out `validation_fraction` of it
+    (seeded) as validation when there is no validation split."""
+    if hp.max_train_samples is not None:
+        splits["train"] = splits["train"].select(range(min(hp.max_train_samples, len(splits["train"]))))
+    if on_train is not None:
+        on_train(splits["train"])  # before carving: e.g. the label set is the whole train split's
+    if "validation" not in splits:
+        carved = splits["train"].train_test_split(test_size=hp.validation_fraction, seed=hp.seed)
+        splits["train"], splits["validation"] = carved["train"], carved["test"]
+        rank_zero_info(f"No validation split: held out {len(carved['test'])} training {unit} (seed {hp.seed}).")
+
+
 def check_data_args(dataset: str | None, data_files: dict[str, str] | None, predict_file: str | None, max_length: int,
                     batch_size: int, length_group_batches: int, validation_fraction: float, min_length: int = 2) -> None:
     """Checks shared by the task DataModules' constructors; each error names the field to fix."""
-    from datamodules.loading import DataError
-
     if dataset is None and not data_files and predict_file is None:
         raise DataError("Give data.dataset (a hub name) or data.data_files (local files per split).")
     bad = set(data_files or {}) - set(SPLITS)
@@ -59,6 +71,7 @@ class TokenizedDataModule(L.LightningDataModule):
         super().__init__()
         self.data_info: dict[str, Any] | None = None  # what the Task needs to build its head (labels...)
         self._tokenizer = None
+        self._raw: dict[str, Dataset] | None = None
         self._encoded: dict[str, Dataset] = {}
         self._reported: set[str] = set()  # splits whose truncation was already reported
         self._train_loader: ResumableDataLoader | None = None
@@ -72,6 +85,39 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def _prepare(self, stage: str | None) -> None:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ raw splits
+    def _check_raw(self, split: str, ds: Dataset) -> None:
+        """Check a freshly loaded split (its columns...); raise DataError naming the field to fix."""
+
+    def _on_train_loaded(self, train: Dataset) -> None:
+        """Learn what the whole training split says (e.g. the label set), before validation is carved from it."""
+
+    def _raw_splits(self, wanted: set[str]) -> dict[str, Dataset]:
+        """Parsed splits, loaded lazily. Splits in data_files are read locally; the others come from the hub
+        dataset, which is asked only when one of them is wanted. Without a validation split, one is carved
+        from train (seeded)."""
+        hp = self.hparams
+        files = dict(hp.data_files or {})
+        first = self._raw is None
+        splits = {} if first else self._raw
+        missing = (set(wanted) | ({"train", "validation"} if first else set())) - set(splits)
+        if not missing:
+            return splits
+        from_hub = missing - set(files)
+        if from_hub and hp.dataset is not None:
+            hub = load_hub_dataset(hp.dataset, hp.dataset_config)
+            splits.update({s: hub[s] for s in from_hub if s in hub})
+        for split in missing & set(files):
+            splits[split] = load_local_split(files[split], split)
+        for split in missing & set(splits):
+            if len(splits[split]) == 0:
+                raise DataError(f"The {split} split has no rows.")
+            self._check_raw(split, splits[split])
+        if first and "train" in splits:
+            carve_validation(splits, hp, self._on_train_loaded)
+        self._raw = splits
+        return splits
 
     def _collator(self, keep: dict[str, str] | None = None):
         raise NotImplementedError

@@ -10,9 +10,10 @@ from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.base import TokenizedDataModule, check_data_args, tokenizer_fingerprint
-from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split
+from datamodules.loading import DataError, check_columns, column_values, load_local_split
 from datamodules.noise import NOISE_VERSION, example_rng, perturb_text
 from datamodules.tokenizer_training import has_tokenizer, train_tokenizer
+from lightning_modules.backbones import load_tokenizer
 
 ENCODE_VERSION = 1  # bump when `encode_pairs` changes, to invalidate cached tokenizations
 
@@ -30,7 +31,7 @@ def _texts(batch: dict[str, list], column: str, nested: str | None, split: str, 
 
 def _tokenize(tokenizer, texts: list[str], max_length: int, target: bool) -> tuple[list[list[int]], list[int]]:
     """(ids truncated to max_length keeping the end-of-sequence token, full token counts). Only the long
-    texts are tokenized twice."""
+    texts are tokenized twice. `target`: tokenize as targets (`text_target`, e.g. Marian's target vocabulary)."""
     kw = {"text_target": texts} if target else {"text": texts}
     ids = tokenizer(**kw, truncation=False, verbose=False)["input_ids"]
     full = [len(x) for x in ids]
@@ -45,16 +46,19 @@ def _tokenize(tokenizer, texts: list[str], max_length: int, target: bool) -> tup
 
 def encode_pairs(batch: dict[str, list], indices: list[int], tokenizer, source_column: str, target_column: str | None,
                  nested: str | None, prefix: str, max_source_length: int, max_target_length: int, strip: bool,
-                 split: str) -> dict[str, Any]:
-    """Tokenize sources (with the task prefix) and targets; rows over the limits are truncated and their full
-    lengths kept for the truncation report."""
+                 split: str, target_tokenizer=None) -> dict[str, Any]:
+    """Tokenize sources (with the task prefix) and targets (with `target_tokenizer` when the target language
+    has its own vocabulary); rows over the limits are truncated and their full lengths kept for the report."""
     sources = _texts(batch, source_column, nested, split, indices, strip)
     input_ids, source_tokens = _tokenize(tokenizer, [prefix + s for s in sources], max_source_length, target=False)
     out: dict[str, Any] = {"input_ids": input_ids, "source_text": sources, "index": indices, "source_tokens": source_tokens}
     lengths = [len(x) for x in input_ids]
     if target_column is not None:
         targets = _texts(batch, target_column, nested, split, indices, strip)
-        labels, out["target_tokens"] = _tokenize(tokenizer, targets, max_target_length, target=True)
+        if target_tokenizer is None:
+            labels, out["target_tokens"] = _tokenize(tokenizer, targets, max_target_length, target=True)
+        else:
+            labels, out["target_tokens"] = _tokenize(target_tokenizer, targets, max_target_length, target=False)
         out["labels"], out["target_text"] = labels, targets
         lengths = [max(a, len(b)) for a, b in zip(lengths, labels)]
     out["length"] = lengths
@@ -106,9 +110,14 @@ class Seq2SeqDataModule(TokenizedDataModule):
         max_source_length: longer sources are truncated (counted and reported per split).
         max_target_length: longer targets are truncated (counted and reported per split).
         strip: strip surrounding whitespace from both texts.
+        target_tokenizer: a separate tokenizer (folder or hub name) for the target language: per-language
+            vocabularies (the model then needs separate decoder embeddings, e.g. Marian's `decoder_vocab_size`,
+            set automatically for models built from a config). Default: `tokenizer` for both (shared).
         train_tokenizer: when the `tokenizer` folder holds no tokenizer yet, train one there on the
-            training split's sources and targets (shared vocabulary), e.g. `{model: bpe, vocab_size: 8000,
-            min_frequency: 2}` (keys of `datamodules.tokenizer_training.train_tokenizer`).
+            training split, e.g. `{model: bpe, vocab_size: 8000, min_frequency: 2}` (keys of
+            `datamodules.tokenizer_training.train_tokenizer`): on sources and targets (one shared
+            vocabulary), or, with `target_tokenizer` set, on the sources only, and the target tokenizer
+            on the targets (per-language vocabularies).
         batch_size: training batch size.
         eval_batch_size: evaluation/predict batch size (default: 2 x batch_size).
         group_by_length: batch pairs of similar length together, reshuffled each epoch.
@@ -134,6 +143,7 @@ class Seq2SeqDataModule(TokenizedDataModule):
         max_source_length: int = 128,
         max_target_length: int = 128,
         strip: bool = True,
+        target_tokenizer: str | None = None,
         train_tokenizer: dict[str, Any] | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -154,7 +164,7 @@ class Seq2SeqDataModule(TokenizedDataModule):
                 raise DataError(f"data.train_tokenizer has unknown key(s) {sorted(unknown)}; use model, vocab_size, "
                                 "min_frequency, lowercase, model_max_length.")
         self.save_hyperparameters()
-        self._raw: dict[str, Dataset] = {}
+        self._target_tokenizer = None
         self.truncated: dict[str, dict[str, int]] = {}  # split -> {"source": n, "target": n}
 
     # ------------------------------------------------------------------ loading
@@ -164,50 +174,43 @@ class Seq2SeqDataModule(TokenizedDataModule):
             return {"translation_column": hp.translation_column}
         return {"source_column": hp.source_column, "target_column": hp.target_column}
 
-    def _raw_splits(self, wanted: set[str]) -> dict[str, Dataset]:
-        hp = self.hparams
-        files = dict(hp.data_files or {})
-        first = not self._raw
-        missing = (set(wanted) | ({"train", "validation"} if first else set())) - set(self._raw)
-        if not missing:
-            return self._raw
-        splits = self._raw
-        from_hub = missing - set(files)
-        if from_hub and hp.dataset is not None:
-            hub = load_hub_dataset(hp.dataset, hp.dataset_config)
-            splits.update({s: hub[s] for s in from_hub if s in hub})
-        for split in missing & set(files):
-            splits[split] = load_local_split(files[split], split)
-        for split in missing & set(splits):
-            check_columns(splits[split], split, self._columns())
-        if first and "train" in splits:
-            if hp.max_train_samples is not None:
-                splits["train"] = splits["train"].select(range(min(hp.max_train_samples, len(splits["train"]))))
-            if "validation" not in splits:
-                carved = splits["train"].train_test_split(test_size=hp.validation_fraction, seed=hp.seed)
-                splits["train"], splits["validation"] = carved["train"], carved["test"]
-                rank_zero_info(f"No validation split: held out {len(carved['test'])} training pairs (seed {hp.seed}).")
-        return splits
+    def _check_raw(self, split: str, ds: Dataset) -> None:
+        check_columns(ds, split, self._columns())
+
+    @property
+    def target_tokenizer(self):
+        """The tokenizer of the targets: `target_tokenizer` (per-language vocabularies) or the shared one."""
+        if self.hparams.target_tokenizer is None:
+            return self.tokenizer
+        if self._target_tokenizer is None:
+            self._target_tokenizer = load_tokenizer(self.hparams.target_tokenizer)
+        return self._target_tokenizer
 
     def _ensure_tokenizer(self, raw: dict[str, Dataset]) -> None:
         hp = self.hparams
-        if hp.train_tokenizer is None or has_tokenizer(hp.tokenizer):
+        folders = [hp.tokenizer] + ([hp.target_tokenizer] if hp.target_tokenizer else [])
+        if hp.train_tokenizer is None or all(has_tokenizer(f) for f in folders):
             return
         if "train" not in raw:
-            raise DataError(f"data.train_tokenizer: no tokenizer at '{hp.tokenizer}' yet, and no train split to train one on.")
+            raise DataError(f"data.train_tokenizer: no tokenizer at {folders} yet, and no train split to train one on.")
         train = raw["train"]
         batch = train.select_columns(list(c for c in self._columns().values() if c)).to_dict()
         indices = list(range(len(train)))
-        texts = _texts(batch, hp.source_column, hp.translation_column, "train", indices, hp.strip) + \
-            _texts(batch, hp.target_column, hp.translation_column, "train", indices, hp.strip)
-        rank_zero_info(f"Training a tokenizer ({dict(hp.train_tokenizer)}) on {len(texts)} training texts -> {hp.tokenizer}")
-        train_tokenizer(texts, hp.tokenizer, **hp.train_tokenizer)
-        self._tokenizer = None
+        sources = _texts(batch, hp.source_column, hp.translation_column, "train", indices, hp.strip)
+        targets = _texts(batch, hp.target_column, hp.translation_column, "train", indices, hp.strip)
+        jobs = [(hp.tokenizer, sources + targets)] if not hp.target_tokenizer else \
+            [(hp.tokenizer, sources), (hp.target_tokenizer, targets)]
+        for folder, texts in jobs:
+            rank_zero_info(f"Training a tokenizer ({dict(hp.train_tokenizer)}) on {len(texts)} training texts -> {folder}")
+            train_tokenizer(texts, folder, **hp.train_tokenizer)
+        self._tokenizer = self._target_tokenizer = None
 
     def _encode_split(self, split: str, ds: Dataset, with_targets: bool = True) -> Dataset:
         hp = self.hparams
         target = hp.target_column if with_targets else None
-        fingerprint = Hasher.hash([ds._fingerprint, tokenizer_fingerprint(self.tokenizer), hp.source_column, target,
+        separate = self.target_tokenizer if hp.target_tokenizer else None
+        fingerprint = Hasher.hash([ds._fingerprint, tokenizer_fingerprint(self.tokenizer),
+                                   tokenizer_fingerprint(separate) if separate is not None else None, hp.source_column, target,
                                    hp.translation_column, hp.source_prefix, hp.max_source_length, hp.max_target_length,
                                    hp.strip, ENCODE_VERSION])
         encoded = ds.map(
@@ -215,7 +218,8 @@ class Seq2SeqDataModule(TokenizedDataModule):
             desc=f"Tokenizing {split}",
             fn_kwargs=dict(tokenizer=self.tokenizer, source_column=hp.source_column, target_column=target,
                            nested=hp.translation_column, prefix=hp.source_prefix, max_source_length=hp.max_source_length,
-                           max_target_length=hp.max_target_length, strip=hp.strip, split=split),
+                           max_target_length=hp.max_target_length, strip=hp.strip, split=split,
+                           target_tokenizer=separate),
         )
         if split not in self._reported:  # truncation is never silent: counted and reported once per split
             self._reported.add(split)
@@ -242,7 +246,9 @@ class Seq2SeqDataModule(TokenizedDataModule):
         self._ensure_tokenizer(raw)
         if self.tokenizer.pad_token_id is None:
             raise DataError(f"The tokenizer '{hp.tokenizer}' has no pad token; seq2seq batches need one.")
-        self.data_info = {"task": "seq2seq"}
+        target = os.path.abspath(hp.target_tokenizer) if hp.target_tokenizer and os.path.isdir(hp.target_tokenizer) \
+            else hp.target_tokenizer
+        self.data_info = {"task": "seq2seq", "target_tokenizer": target}
         for split in needed:
             if split not in raw:
                 raise DataError(f"Stage '{stage}' needs a {split} split: add data.data_files.{split} "

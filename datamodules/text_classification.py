@@ -11,7 +11,7 @@ from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.base import TokenizedDataModule, check_data_args, tokenizer_fingerprint
-from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split
+from datamodules.loading import DataError, check_columns, column_values, load_local_split
 from datamodules.noise import NOISE_VERSION, example_rng, perturb_text
 
 ENCODE_VERSION = 1  # bump when `encode` changes, to invalidate cached tokenizations
@@ -144,43 +144,17 @@ class TextClassificationDataModule(TokenizedDataModule):
         if num_labels is not None and label_names is not None and num_labels != len(label_names):
             raise DataError(f"data.num_labels={num_labels} but data.label_names has {len(label_names)} names.")
         self.save_hyperparameters()
-        self._raw: dict[str, Dataset] | None = None
         self._label_to_id: dict | None = None
         self.truncated: dict[str, int] = {}  # split -> examples cut by max_length
 
     # ------------------------------------------------------------------ loading
-    def _raw_splits(self, wanted: set[str]) -> dict[str, Dataset]:
-        """Parsed splits. Splits in data_files are read locally; the others come from the hub dataset,
-        which is asked only when one of them is wanted. Without any validation split, one is carved
-        from train (seeded)."""
+    def _check_raw(self, split: str, ds: Dataset) -> None:
         hp = self.hparams
-        files = dict(hp.data_files or {})
-        first = self._raw is None
-        splits = {} if first else self._raw
-        missing = (set(wanted) | ({"train", "validation"} if first else set())) - set(splits)
-        if not missing:
-            return splits
-        from_hub = missing - set(files)
-        if from_hub and hp.dataset is not None:
-            hub = load_hub_dataset(hp.dataset, hp.dataset_config)
-            splits.update({s: hub[s] for s in from_hub if s in hub})
-        for split in missing & set(files):
-            splits[split] = load_local_split(files[split], split)
-        for split in missing & set(splits):
-            if len(splits[split]) == 0:
-                raise DataError(f"The {split} split has no rows.")
-            check_columns(splits[split], split, {"text_column": hp.text_column, "text_pair_column": hp.text_pair_column,
-                                                 "label_column": hp.label_column})
-        if first and "train" in splits:
-            if hp.max_train_samples is not None:
-                splits["train"] = splits["train"].select(range(min(hp.max_train_samples, len(splits["train"]))))
-            self._labels_from_train(splits["train"])  # before carving: the label set is the whole train split's
-            if "validation" not in splits:
-                carved = splits["train"].train_test_split(test_size=hp.validation_fraction, seed=hp.seed)
-                splits["train"], splits["validation"] = carved["train"], carved["test"]
-                rank_zero_info(f"No validation split: held out {len(carved['test'])} training rows (seed {hp.seed}).")
-        self._raw = splits
-        return splits
+        check_columns(ds, split, {"text_column": hp.text_column, "text_pair_column": hp.text_pair_column,
+                                  "label_column": hp.label_column})
+
+    def _on_train_loaded(self, train: Dataset) -> None:
+        self._labels_from_train(train)
 
     def _labels_from_train(self, train: Dataset) -> None:
         hp = self.hparams

@@ -9,7 +9,7 @@ from datasets import ClassLabel, Dataset, Sequence
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.base import SPLITS, TokenizedDataModule, check_data_args, tokenizer_fingerprint
+from datamodules.base import SPLITS, TokenizedDataModule, carve_validation, check_data_args, tokenizer_fingerprint
 from datamodules.conll import check_tag, read_conll
 from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split
 from datamodules.noise import NOISE_VERSION, example_rng, perturb_words
@@ -195,7 +195,7 @@ class TokenClassificationDataModule(TokenizedDataModule):
         return ds.map(convert, batched=True, with_indices=True, remove_columns=ds.column_names,
                       desc=f"Reading {split}")
 
-    def _raw_splits(self) -> dict[str, Dataset]:
+    def _raw_splits(self, wanted: set[str] | None = None) -> dict[str, Dataset]:  # all splits at once
         if self._raw is not None:
             return self._raw
         hp = self.hparams
@@ -216,13 +216,7 @@ class TokenClassificationDataModule(TokenizedDataModule):
                 if len(row["tokens"]) != len(row["tags"]):
                     raise DataError(f"{row['where']}: {len(row['tokens'])} words but {len(row['tags'])} tags.")
         if "train" in splits:
-            if hp.max_train_samples is not None:
-                splits["train"] = splits["train"].select(range(min(hp.max_train_samples, len(splits["train"]))))
-            self._tags_from_train(splits["train"])
-            if "validation" not in splits:
-                carved = splits["train"].train_test_split(test_size=hp.validation_fraction, seed=hp.seed)
-                splits["train"], splits["validation"] = carved["train"], carved["test"]
-                rank_zero_info(f"No validation split: held out {len(carved['test'])} training sentences (seed {hp.seed}).")
+            carve_validation(splits, hp, self._tags_from_train, unit="sentences")
         self._raw = splits
         return splits
 

@@ -82,6 +82,11 @@ class Task:
     def loss(self, outputs: Any, batch: Batch) -> Tensor:
         raise NotImplementedError
 
+    def example_losses(self, outputs: Any, batch: Batch) -> Tensor:
+        """The loss of each example of the batch (B,), e.g. for an attack that keeps each example's worst
+        perturbation. Token tasks average over each example's labelled tokens."""
+        raise NotImplementedError(f"{type(self).__name__} does not define per-example losses.")
+
     def distillation_logits(self, outputs: Any, batch: Batch) -> Tensor:
         """(N, C) logits of the N positions a teacher's soft labels apply to: one row per example for
         sequence tasks, the labelled (non-padding, non-ignored) tokens for token tasks."""

@@ -10,7 +10,7 @@ import torch
 from callbacks import RobustnessEval
 from datamodules.noise import perturb_words
 from lightning_modules.regimes import FGM, PGD, FreeLB, Peft
-from lightning_modules.regimes.adversarial import perturbation_norms
+from lightning_modules.regimes.adversarial import embed, perturbation_norms
 from tests.helpers import write_two_task_data
 from tests.utils import cli_config, make_trainer, run_cli, task_setup
 
@@ -255,6 +255,26 @@ def test_attack_and_word_noise_lower_an_undefended_model(setup_data, task_name):
     assert limited["val/loss_adv_linf@0.2"] > limited["val/loss"]
     one_batch = next(iter(dm.val_dataloader()))
     assert limited["val/loss"] == pytest.approx(float(module.base_loss(one_batch).loss), rel=1e-5)
+
+
+@pytest.mark.parametrize("task_name", ["seq", "token"])
+def test_evaluation_attack_keeps_each_examples_worst_iterate_within_eps(setup_data, task_name):
+    module, dm = _setup(setup_data, task_name, [])
+    module.eval()
+    batch = next(iter(dm.val_dataloader()))
+    robust = RobustnessEval(attack_eps=[2.0], attack_steps=4, attack_step_size=2.0)  # big steps: iterates overshoot
+    with torch.enable_grad():
+        delta = robust.attack(module, batch, 2.0)
+    assert (perturbation_norms(delta) <= 2.0 + 1e-4).all()
+    assert (delta[batch["attention_mask"] == 0] == 0).all()
+    task, model = module.task, module.model
+    with torch.no_grad():
+        embeds = embed(module, batch)
+        clean = task.example_losses(task.forward(model, batch, inputs_embeds=embeds), batch)
+        attacked = task.example_losses(task.forward(model, batch, inputs_embeds=embeds + delta), batch)
+    assert (attacked >= clean - 1e-5).all() and (attacked > clean + 1e-4).any()
+    if task_name == "seq":  # one row per example: the mean of the example losses is the batch loss
+        assert float(clean.mean()) == pytest.approx(float(module.base_loss(batch).loss), rel=1e-4)
 
 
 def test_word_noise_is_seeded_keeps_word_counts_and_hits_the_fraction(setup_data):

@@ -1,5 +1,6 @@
 """Seq2seq: generation metrics equal sacrebleu / rouge_score, tokenizer training, data, loss, overfitting,
 the regimes on an encoder-decoder, export to a transformers pipeline, and the CLI."""
+import glob
 import json
 import os
 import random
@@ -21,7 +22,7 @@ from lightning_modules.regimes import FGM, PGD, Distillation, Peft
 from lightning_modules.regimes.adversarial import embed
 from lightning_modules.tasks import Seq2Seq
 from lightning_modules.tasks.generation_metrics import CorpusBLEU, CorpusChrF, MeanRouge
-from tests.helpers import tiny_marian_config, toy_translation_rows, write_jsonl, write_translation_data
+from tests.helpers import read_wandb_records, tiny_marian_config, toy_translation_rows, write_jsonl, write_translation_data
 from tests.utils import ROOT, make_trainer, run_cli
 
 WORDS = "a man in a blue shirt is standing on a ladder cleaning window two dogs run the park Größe straße".split()
@@ -159,6 +160,31 @@ def test_tokenizer_command_and_datamodule_option_train_the_same_tokenizer(tmp_pa
         assert fa.read() == fb.read()
     with pytest.raises(DataError, match="unknown key"):
         Seq2SeqDataModule(tokenizer="x", data_files={"train": train}, train_tokenizer={"vocab": 10})
+
+
+def test_per_language_vocabularies_train_two_tokenizers_and_a_model_with_separate_decoder_embeddings(mt, tmp_path):
+    from transformers import AutoTokenizer
+
+    dm = Seq2SeqDataModule(tokenizer=str(tmp_path / "en"), target_tokenizer=str(tmp_path / "de"), data_files=mt["files"],
+                           source_column="en", target_column="de", batch_size=16,
+                           train_tokenizer={"vocab_size": 280, "min_frequency": 1})
+    L.seed_everything(0)
+    module = TaskModule(Seq2Seq(), backbone=str(tmp_path / "en"), backbone_config=tiny_marian_config(), lr=3e-3)
+    export = HFExport(dirpath=str(tmp_path / "export"), use_best=False)
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[export])
+    trainer.fit(module, datamodule=dm)
+    en, de = AutoTokenizer.from_pretrained(str(tmp_path / "en")), AutoTokenizer.from_pretrained(str(tmp_path / "de"))
+    assert "katze" in de.decode(de("katze")["input_ids"], skip_special_tokens=True) and en.get_vocab() != de.get_vocab()
+    model = module.model
+    assert not model.config.share_encoder_decoder_embeddings
+    assert model.get_input_embeddings().num_embeddings == len(en)
+    assert model.get_output_embeddings().weight.shape[0] == len(de) == model.config.decoder_vocab_size
+    batch = _batch(dm, split="validation")
+    for i, text in enumerate(batch["target_text"]):
+        ids = [t for t in batch["labels"][i].tolist() if t != -100]
+        assert de.decode(ids, skip_special_tokens=True).strip() == text  # labels come from the target vocabulary
+    assert {"val/bleu", "val/chrf"} <= set(trainer.callback_metrics)
+    assert os.path.isfile(tmp_path / "export" / "target_tokenizer" / "tokenizer.json")
 
 
 # ---------------------------------------------------------------- data
@@ -324,6 +350,11 @@ def test_cli_trains_the_tokenizer_fits_tests_and_predicts_jsonl(mt, tmp_path):
     assert "tok:13a" in json.loads((run_dir / "metric_signatures.json").read_text())["bleu"]
     samples = [json.loads(line) for line in (run_dir / "generation_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 5 and {"source", "reference", "hypothesis", "epoch"} <= set(samples[0])
+    records = read_wandb_records(glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))[0])
+    history = {item.key: item.value_json for r in records if r.WhichOneof("record_type") == "history" for item in r.history.item}
+    assert "table" in history["val/samples"]  # the W&B table of sample generations
+    config = {item.key for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update}
+    assert "signatures/bleu" in config
     run_cli(["predict", *common, "--ckpt_path", "last"], cwd=str(tmp_path))
     records = [json.loads(line) for line in (tmp_path / "runs" / "m30k" / "version_1" / "predictions.jsonl").read_text().splitlines()]
     assert [r["source"] for r in records] == ["the cat sees a dog", "big red house"]

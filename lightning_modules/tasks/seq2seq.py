@@ -1,6 +1,7 @@
 """Conditional generation (translation, summarization) on any HF encoder-decoder (`AutoModelForSeq2SeqLM`)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
@@ -9,9 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from lightning_modules.backbones import Backbone, BackboneError
+from lightning_modules.backbones import Backbone, BackboneError, load_tokenizer
 from lightning_modules.task import Batch, Task
 from lightning_modules.tasks.generation_metrics import CorpusBLEU, CorpusChrF, MeanRouge, TokenNLL
+from lightning_modules.tasks.token_classification import token_example_losses
 
 METRICS = {"translation": ("bleu", "chrf"), "summarization": ("rouge1", "rouge2", "rougeL")}
 
@@ -83,7 +85,7 @@ class Seq2Seq(Task):
         self.num_samples = num_samples
         self.samples: list[dict[str, str]] = []  # this validation's first generations (rank-local)
         self.stage = "validate"  # set by the module: validation uses val_num_beams
-        self.tokenizer = None
+        self.tokenizer = self.target_tokenizer = None
 
     def on_eval_epoch_start(self, stage: str) -> None:
         self.stage = stage
@@ -95,20 +97,31 @@ class Seq2Seq(Task):
         from transformers import AutoModelForSeq2SeqLM
 
         self.tokenizer = tok = backbone.tokenizer()
+        separate = data_info.get("target_tokenizer")
+        self.target_tokenizer = target = load_tokenizer(separate) if separate else tok
         overrides: dict[str, Any] = {}
-        if backbone.config is not None:  # from scratch: sizes and special ids come from the tokenizer
-            if tok.pad_token_id is None or tok.eos_token_id is None:
-                raise BackboneError(f"The tokenizer at '{backbone.name}' has no pad or eos token; a seq2seq model "
-                                    "built from a config needs both.")
-            start = tok.bos_token_id if tok.bos_token_id is not None else tok.pad_token_id
-            overrides = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        if backbone.config is not None:  # from scratch: sizes and special ids come from the tokenizer(s)
+            if target.pad_token_id is None or target.eos_token_id is None:
+                raise BackboneError(f"The tokenizer at '{separate or backbone.name}' has no pad or eos token; a seq2seq "
+                                    "model built from a config needs both.")
+            start = target.bos_token_id if target.bos_token_id is not None else target.pad_token_id
+            overrides = dict(vocab_size=len(tok), pad_token_id=target.pad_token_id, eos_token_id=target.eos_token_id,
                              bos_token_id=start, decoder_start_token_id=start, forced_eos_token_id=None)
+            if separate:
+                if backbone.config.get("model_type") != "marian":
+                    raise BackboneError("A separate target vocabulary (data.target_tokenizer) needs separate decoder "
+                                        "embeddings: use model_type 'marian' (decoder_vocab_size) in model.backbone_config.")
+                if tok.pad_token_id != target.pad_token_id:
+                    raise BackboneError(f"The source and target tokenizers disagree on the pad id ({tok.pad_token_id} vs "
+                                        f"{target.pad_token_id}); train them with the same special tokens.")
+                overrides.update(decoder_vocab_size=len(target), share_encoder_decoder_embeddings=False)
             overrides = {k: v for k, v in overrides.items() if k not in backbone.config}  # the user's config wins
         model = backbone.from_pretrained(AutoModelForSeq2SeqLM, **overrides)
-        vocab = model.get_input_embeddings().num_embeddings
-        if len(tok) > vocab:
-            raise BackboneError(f"The tokenizer has {len(tok)} tokens but the model's embedding only {vocab}; use the "
-                                "tokenizer the model was trained with, or set vocab_size in model.backbone_config.")
+        for name, t, emb in (("source", tok, model.get_input_embeddings()), ("target", target, model.get_output_embeddings())):
+            if len(t) > emb.weight.shape[0]:
+                raise BackboneError(f"The {name} tokenizer has {len(t)} tokens but the model's embedding only "
+                                    f"{emb.weight.shape[0]}; use the tokenizer the model was trained with, or set the "
+                                    "vocabulary size in model.backbone_config.")
         limit = getattr(model.config, "max_position_embeddings", None)
         longest = max(data_info.get("max_source_length", 0), data_info.get("max_target_length", 0))
         if limit and longest > limit and getattr(model.config, "model_type", "") != "t5":
@@ -129,11 +142,15 @@ class Seq2Seq(Task):
     def model_inputs(self, batch: Batch) -> dict[str, Tensor]:
         return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
 
-    def forward(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> Any:
+    def encoder_inputs(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> dict[str, Tensor]:
         inputs = self.model_inputs(batch)
         if inputs_embeds is not None:
             inputs.pop("input_ids")
             inputs["inputs_embeds"] = inputs_embeds * self._embed_scale(model)
+        return inputs
+
+    def forward(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> Any:
+        inputs = self.encoder_inputs(model, batch, inputs_embeds)
         cfg = model.config
         inputs["decoder_input_ids"] = shift_right(batch["labels"], cfg.decoder_start_token_id, cfg.pad_token_id)
         return model(**inputs, **self.extra_outputs)
@@ -145,10 +162,7 @@ class Seq2Seq(Task):
                     no_repeat_ngram_size=self.no_repeat_ngram_size, early_stopping=False)
 
     def generate(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> Tensor:
-        inputs = self.model_inputs(batch)
-        if inputs_embeds is not None:
-            inputs.pop("input_ids")
-            inputs["inputs_embeds"] = inputs_embeds * self._embed_scale(model)
+        inputs = self.encoder_inputs(model, batch, inputs_embeds)
         cfg = model.config
         kwargs = self.generation_kwargs(int(batch["attention_mask"].sum(1).max()))
         return model.generate(**inputs, **kwargs, decoder_start_token_id=cfg.decoder_start_token_id,
@@ -164,6 +178,9 @@ class Seq2Seq(Task):
         logits = outputs.logits.float()
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
                                label_smoothing=self.label_smoothing)
+
+    def example_losses(self, outputs: Any, batch: Batch) -> Tensor:
+        return token_example_losses(outputs.logits.float(), batch["labels"], self.label_smoothing)
 
     def distillation_logits(self, outputs: Any, batch: Batch) -> Tensor:
         return outputs.logits[batch["labels"] != -100].float()  # (target tokens, vocab): word-level KD
@@ -181,8 +198,13 @@ class Seq2Seq(Task):
         return MetricCollection(scores, compute_groups=False)
 
     def texts(self, sequences: Tensor) -> list[str]:
-        return [t.strip() for t in self.tokenizer.batch_decode(sequences, skip_special_tokens=True,
-                                                               clean_up_tokenization_spaces=False)]
+        return [t.strip() for t in self.target_tokenizer.batch_decode(sequences, skip_special_tokens=True,
+                                                                      clean_up_tokenization_spaces=False)]
+
+    def save_pretrained_extras(self, folder: str) -> None:
+        """Export: with per-language vocabularies, the target tokenizer goes to `<folder>/target_tokenizer`."""
+        if self.target_tokenizer is not self.tokenizer:
+            self.target_tokenizer.save_pretrained(os.path.join(folder, "target_tokenizer"))
 
     def update_metrics(self, metrics: MetricCollection, outputs: GenerationOutput, batch: Batch) -> None:
         hypotheses, references = self.texts(outputs.sequences), list(batch["target_text"])

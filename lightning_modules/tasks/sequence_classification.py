@@ -68,6 +68,12 @@ class SequenceClassification(Task):
             return F.mse_loss(logits.squeeze(-1), batch["labels"].float())
         return F.cross_entropy(logits, batch["labels"])
 
+    def example_losses(self, outputs: Any, batch: Batch) -> Tensor:
+        logits = outputs.logits.float()
+        if self.regression:
+            return F.mse_loss(logits.squeeze(-1), batch["labels"].float(), reduction="none")
+        return F.cross_entropy(logits, batch["labels"], reduction="none")
+
     def distillation_logits(self, outputs: Any, batch: Batch) -> Tensor:
         return outputs.logits.float()  # (B, num_labels); (B, 1) for regression
 

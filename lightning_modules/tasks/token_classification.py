@@ -22,6 +22,13 @@ from lightning_modules.tasks.entity_metrics import EntityScores, extract_entitie
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+def token_example_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy over each example's labelled tokens (labels != -100): (B,)."""
+    per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none",
+                                label_smoothing=label_smoothing).view(labels.shape)
+    return per_token.sum(1) / (labels != -100).sum(1).clamp_min(1)
+
+
 class TokenClassification(Task):
     """Tag every word with a BIO-style tag (IOB2, IOB1 or BIOES).
 
@@ -70,6 +77,9 @@ class TokenClassification(Task):
     def loss(self, outputs: Any, batch: Batch) -> Tensor:
         logits = self.token_logits(outputs, batch).float()  # (B, T, num_tags)
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+    def example_losses(self, outputs: Any, batch: Batch) -> Tensor:
+        return token_example_losses(self.token_logits(outputs, batch).float(), batch["labels"])
 
     def distillation_logits(self, outputs: Any, batch: Batch) -> Tensor:
         logits = self.token_logits(outputs, batch).float()
