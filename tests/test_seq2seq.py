@@ -351,8 +351,10 @@ def test_cli_trains_the_tokenizer_fits_tests_and_predicts_jsonl(mt, tmp_path):
     samples = [json.loads(line) for line in (run_dir / "generation_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 5 and {"source", "reference", "hypothesis", "epoch"} <= set(samples[0])
     records = read_wandb_records(glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))[0])
-    history = {item.key: item.value_json for r in records if r.WhichOneof("record_type") == "history" for item in r.history.item}
-    assert "table" in history["val/samples"]  # the W&B table of sample generations
+    history = {tuple(item.nested_key) or (item.key,): item.value_json for r in records
+               if r.WhichOneof("record_type") == "history" for item in r.history.item}
+    assert history[("val/samples", "_type")] == '"table-file"'  # the W&B table of sample generations
+    assert history[("val/samples", "nrows")] == "5"
     config = {item.key for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update}
     assert "signatures/bleu" in config
     run_cli(["predict", *common, "--ckpt_path", "last"], cwd=str(tmp_path))

@@ -114,8 +114,9 @@ class Seq2Seq(Task):
                 if tok.pad_token_id != target.pad_token_id:
                     raise BackboneError(f"The source and target tokenizers disagree on the pad id ({tok.pad_token_id} vs "
                                         f"{target.pad_token_id}); train them with the same special tokens.")
-                overrides.update(decoder_vocab_size=len(target), share_encoder_decoder_embeddings=False)
             overrides = {k: v for k, v in overrides.items() if k not in backbone.config}  # the user's config wins
+            if separate:  # but two vocabularies cannot share one embedding
+                overrides.update(decoder_vocab_size=len(target), share_encoder_decoder_embeddings=False)
         model = backbone.from_pretrained(AutoModelForSeq2SeqLM, **overrides)
         for name, t, emb in (("source", tok, model.get_input_embeddings()), ("target", target, model.get_output_embeddings())):
             if len(t) > emb.weight.shape[0]:
