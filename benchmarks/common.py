@@ -11,9 +11,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("FINETUNE_SHARED", os.path.join(REPO, "..", "shared"))
 
 
-def sst2_setup(lr: float, regime_specs: list, n_train: int | None = None, backbone: str = "minilm", **module_kw):
+def sst2_setup(lr: float, regime_specs: list, n_train: int | None = None, backbone: str = "minilm", batch_size: int = 32,
+               **module_kw):
     """(datamodule, module) for minilm (or `backbone`) on SST-2: max_length 64, batch 32, warmup 6 %, weight
-    decay 0.01, seed 42. `regime_specs` is a list of (class name in `lightning_modules.regimes`, init kwargs);
+    decay 0.01, seed 42 (`batch_size` overridable). `regime_specs` is a list of (class name in `lightning_modules.regimes`, init kwargs);
     `module_kw` goes to TaskModule (e.g. backbone_layers).
     """
     import lightning as L
@@ -26,7 +27,7 @@ def sst2_setup(lr: float, regime_specs: list, n_train: int | None = None, backbo
     data = os.path.join(SHARED, "data", "sst2")
     dm = TextClassificationDataModule(tokenizer="minilm", data_files={"train": f"{data}/train.tsv", "validation": f"{data}/validation.tsv"},
                                       text_column="sentence", label_names=["negative", "positive"], max_length=64,
-                                      batch_size=32, max_train_samples=n_train, seed=42)
+                                      batch_size=batch_size, max_train_samples=n_train, seed=42)
     module = TaskModule(SequenceClassification(), backbone=backbone, lr=lr, weight_decay=0.01, warmup=0.06,
                         regimes=[getattr(regimes, cls)(**kw) for cls, kw in regime_specs], **module_kw)
     return dm, module
