@@ -51,9 +51,7 @@ class HFExport(L.Callback):
         tokenizer = pl_module.backbone.tokenizer()
         model.save_pretrained(out, state_dict=state_dict)
         tokenizer.save_pretrained(out)
-        extras = getattr(pl_module.task, "save_pretrained_extras", None)
-        if extras is not None:
-            extras(out)
+        pl_module.task.save_pretrained_extras(out)
         rank_zero_info(f"Exported model ({self.exported_from}) to {out}")
         self.path = out
         if self.merged and hasattr(model, "merge_and_unload"):

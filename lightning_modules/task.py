@@ -100,6 +100,9 @@ class Task:
         """How many rows of `distillation_logits` each example of the batch contributes (B,)."""
         return batch["input_ids"].new_ones(batch["input_ids"].shape[0])
 
+    def save_pretrained_extras(self, folder: str) -> None:
+        """Write what the export needs beyond the model and its tokenizer (e.g. a target tokenizer)."""
+
     def metrics(self) -> MetricCollection:
         """A fresh collection of the task's metrics (one is made per stage)."""
         raise NotImplementedError
