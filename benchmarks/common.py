@@ -10,6 +10,11 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("FINETUNE_SHARED", os.path.join(REPO, "..", "shared"))
 
+# The LoRA recipe of benchmarks/peft_sst2.py's sweep and experiments/regimes/lora.yaml (0.8773 on SST-2):
+# r 8 on query/value, rank-stabilised scaling 16 / sqrt(8), no adapter dropout; train it at lr 5e-4.
+LORA_RECIPE = ("Peft", dict(peft_type="LORA", config=dict(r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=True,
+                                                          target_modules=["query", "value"])))
+
 
 def sst2_setup(lr: float, regime_specs: list, n_train: int | None = None, backbone: str = "minilm", batch_size: int = 32,
                **module_kw):
