@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 
 from callbacks.batches import device_batches
 from lightning_modules.module import batch_size_of
-from lightning_modules.regimes.adversarial import Norm, ascent_direction, embed, grad_scale, project, token_mask
+from lightning_modules.regimes.adversarial import Norm, embed, input_grad, pgd_attack, token_mask
 
 
 class RobustnessEval(L.Callback):
@@ -122,23 +122,11 @@ class RobustnessEval(L.Callback):
         loss peak, which makes a larger eps look weaker)."""
         task, model = pl_module.task, pl_module.model
         embeds = embed(pl_module, batch).detach()
-        mask = token_mask(batch, embeds)
         step_size = 2.5 * eps / self.attack_steps if self.attack_step_size is None else self.attack_step_size
-        scale = grad_scale(pl_module)  # fp16: scaled like training, or small gradients underflow to 0
-        delta = torch.zeros_like(embeds)
-        best, best_loss = delta.clone(), None
-        for k in range(self.attack_steps + 1):
-            last = k == self.attack_steps
-            delta = delta.detach().requires_grad_(not last)
-            with torch.set_grad_enabled(not last):
-                losses = task.example_losses(task.forward(model, batch, inputs_embeds=embeds + delta), batch).float()
-            worse = torch.ones_like(losses, dtype=torch.bool) if best_loss is None else losses.detach() > best_loss
-            best[worse] = delta.detach()[worse]
-            best_loss = losses.detach() if best_loss is None else torch.where(worse, losses.detach(), best_loss)
-            if last:
-                break
-            # per-example ascent directions: the sum's gradient gives each example its own loss gradient
-            g = torch.autograd.grad(losses.sum() * scale, [delta])[0]
-            delta = project(delta.detach() + step_size * ascent_direction(g * mask, self.attack_norm, True), eps,
-                            self.attack_norm, True) * mask
-        return best
+
+        def losses_at(delta: Tensor) -> Tensor:
+            return task.example_losses(task.forward(model, batch, inputs_embeds=embeds + delta), batch)
+
+        # input_grad scales fp16 like training, or small gradients underflow to 0
+        return pgd_attack(losses_at, lambda loss, d: input_grad(loss, d, pl_module), embeds, token_mask(batch, embeds),
+                          None, eps, self.attack_steps, step_size, self.attack_norm, per_example=True, keep_worst=True)

@@ -252,20 +252,37 @@ class PGD(EmbeddingAdversary):
 
 def pgd_attack(loss_at: Callable[[Tensor], Tensor], grad_of: Callable[[Tensor, Tensor], Tensor], like: Tensor,
                mask: Tensor, clean_grad: Tensor | None, eps: float, steps: int, step_size: float, norm: Norm = "l2",
-               per_example: bool = True, random_init: bool = False) -> Tensor:
+               per_example: bool = True, random_init: bool = False, keep_worst: bool = False) -> Tensor:
     """The PGD perturbation (detached, shaped like the (B, T, H) `like`) after `steps` projected ascent
     steps on `loss_at(delta)`. `clean_grad`, the loss gradient at delta = 0 if already known, saves a forward.
+
+    With `keep_worst`, `loss_at` returns per-example losses (B,) and the result is, per example, the iterate
+    (the start and the final one included, which costs one more forward) with the highest loss: an attack
+    that never helps an example and whose overshooting steps do not count.
     """
     delta = random_start(like, mask, eps, norm, per_example) if random_init else torch.zeros_like(like)
-    for k in range(steps):
-        if k == 0 and not random_init and clean_grad is not None:
+    best, best_loss = None, None
+    for k in range(steps + 1):
+        last = k == steps
+        if last and not keep_worst:
+            break
+        if k == 0 and not random_init and clean_grad is not None and not keep_worst:
             g = clean_grad
         else:
-            delta = delta.detach().requires_grad_(True)
-            g = grad_of(loss_at(delta), delta)
+            delta = delta.detach().requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
+                loss = loss_at(delta)
+            if keep_worst:
+                losses = loss.detach().float()
+                worse = torch.ones_like(losses, dtype=torch.bool) if best is None else losses > best_loss
+                best = delta.detach().clone() if best is None else torch.where(worse.view(-1, 1, 1), delta.detach(), best)
+                best_loss = losses if best_loss is None else torch.where(worse, losses, best_loss)
+            if last:
+                break
+            g = grad_of(loss.sum(), delta)  # per-example losses: the sum gives each example its own gradient
         delta = project(delta.detach() + step_size * ascent_direction(g * mask, norm, per_example), eps, norm,
                         per_example) * mask
-    return delta.detach()
+    return best if keep_worst else delta.detach()
 
 
 class FreeLB(EmbeddingAdversary):
