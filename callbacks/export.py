@@ -1,11 +1,48 @@
 """Export the best model as a plain Hugging Face folder (model + tokenizer), loadable by `pipeline`."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+LABEL_FILE = "labels.json"  # an adapter export's head: the label keyword arguments of `from_pretrained`
+
+
+def replace_folder(tmp: str, out: str) -> None:
+    """Move the finished folder `tmp` to `out`, replacing an older `out` only once `tmp` is whole."""
+    old = None
+    if os.path.exists(out):
+        old = f"{out}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_adapter_export(folder: str, **kwargs):
+    """The model of an adapter export (`export/` of a peft run), with its head: the peft class is the one
+    for the adapter's task type, and the label count and names come from `labels.json` (peft builds the
+    base from its name, which knows no labels). kwargs go to `from_pretrained` (e.g. `is_trainable=True`)."""
+    import peft
+
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        task_type = json.load(f).get("task_type")
+    classes = {"SEQ_CLS": "AutoPeftModelForSequenceClassification", "TOKEN_CLS": "AutoPeftModelForTokenClassification",
+               "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM", "CAUSAL_LM": "AutoPeftModelForCausalLM",
+               "QUESTION_ANS": "AutoPeftModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoPeftModelForFeatureExtraction"}
+    auto = getattr(peft, classes.get(task_type, "AutoPeftModel"))
+    labels_path = os.path.join(folder, LABEL_FILE)
+    if os.path.isfile(labels_path):
+        with open(labels_path) as f:
+            labels = json.load(f)
+        labels["id2label"] = {int(i): name for i, name in labels["id2label"].items()}  # JSON keys are strings
+        kwargs = {**labels, **kwargs}
+    return auto.from_pretrained(folder, **kwargs)
 
 
 class HFExport(L.Callback):
@@ -14,10 +51,15 @@ class HFExport(L.Callback):
     The export carries the label names (`id2label`/`label2id`) in its config, so
     `transformers.pipeline("text-classification", model=<dirpath>)` predicts label names.
 
-    With a `peft` model the export is the adapter in peft's own format (loadable with
-    `peft.AutoPeftModelFor*.from_pretrained` / `PeftModel.from_pretrained`), and with `merged: true`
-    also `<dirpath>/merged`: the adapter merged into the base (`merge_and_unload`), a plain
-    transformers model for `pipeline`, for the methods that can merge (LoRA, IA3, ...).
+    With a `peft` model the export is the adapter in peft's own format, recorded against the base's
+    portable name (`minilm` as `sentence-transformers/all-MiniLM-L6-v2`), with the head's label count
+    and names in `labels.json`: peft rebuilds the base from that name, whose config knows no labels, so
+    `load_adapter_export(export)` (or peft's `AutoPeftModelFor<Task>.from_pretrained(export,
+    num_labels=N)`) loads it. `pipeline` does not load adapters: with `merged: true` the export also holds
+    `<dirpath>/merged`, the adapter merged into the base (`merge_and_unload`), a plain transformers
+    model, for the methods that can merge (LoRA, IA3, ...).
+
+    The folder is written as `<dirpath>.tmp` and renamed when complete, so `<dirpath>` is never partial.
 
     Args:
         dirpath: where to write; default `<run dir>/export`.
@@ -30,9 +72,13 @@ class HFExport(L.Callback):
         self.use_best = use_best
         self.merged = merged
         self.exported_from: str | None = None
+        self.path: str | None = None  # set once the export is complete
 
     def resolve_dir(self, trainer: "L.Trainer") -> str:
         return self.dirpath or os.path.join(trainer.default_root_dir, "export")
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        return [("export (save_pretrained)", self.path)] if self.path else []
 
     @rank_zero_only
     def on_fit_end(self, trainer: "L.Trainer", pl_module) -> None:
@@ -47,15 +93,48 @@ class HFExport(L.Callback):
         else:
             self.exported_from = "final weights"
         out = os.path.abspath(self.resolve_dir(trainer))
-        os.makedirs(out, exist_ok=True)
-        tokenizer = pl_module.backbone.tokenizer()
-        model.save_pretrained(out, state_dict=state_dict)
-        tokenizer.save_pretrained(out)
-        pl_module.task.save_pretrained_extras(out)
-        rank_zero_info(f"Exported model ({self.exported_from}) to {out}")
+        tmp = f"{out}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
+        os.makedirs(tmp)
+        try:
+            tokenizer = pl_module.backbone.tokenizer()
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            pl_module.task.save_pretrained_extras(tmp)
+            is_adapter = os.path.isfile(os.path.join(tmp, "adapter_config.json"))
+            if is_adapter:
+                self._make_adapter_portable(tmp, model, pl_module)
+            if self.merged and hasattr(model, "merge_and_unload"):
+                self.export_merged(model, state_dict, tokenizer, os.path.join(tmp, "merged"))
+            replace_folder(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.path = out
-        if self.merged and hasattr(model, "merge_and_unload"):
-            self.export_merged(model, state_dict, tokenizer, os.path.join(out, "merged"))
+        how = ""
+        if is_adapter:
+            how = (" (a peft adapter: load it with callbacks.export.load_adapter_export; for pipeline() use "
+                   f"{out}/merged{'' if self.merged else ', written with --export.merged true'})")
+        rank_zero_info(f"Exported model ({self.exported_from}) to {out}{how}")
+
+    @staticmethod
+    def _make_adapter_portable(folder: str, model, pl_module) -> None:
+        """Record the base by a name that resolves on any machine, and the head's label arguments, which
+        peft cannot know when it rebuilds the base from that name."""
+        path = os.path.join(folder, "adapter_config.json")
+        with open(path) as f:
+            adapter = json.load(f)
+        adapter["base_model_name_or_path"] = pl_module.backbone.portable_name
+        with open(path, "w") as f:
+            json.dump(adapter, f, indent=2, sort_keys=True)
+        cfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+        if pl_module.task.new_head and getattr(cfg, "id2label", None):
+            labels = {"num_labels": cfg.num_labels, "id2label": {str(i): n for i, n in cfg.id2label.items()},
+                      "label2id": dict(cfg.label2id)}
+            if getattr(cfg, "problem_type", None):
+                labels["problem_type"] = cfg.problem_type
+            with open(os.path.join(folder, LABEL_FILE), "w") as f:
+                json.dump(labels, f, indent=2)
 
     @staticmethod
     def export_merged(model, state_dict, tokenizer, out: str) -> None:

@@ -3,29 +3,28 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 
 class PerTypeReport(L.Callback):
-    """Collects `test/<score>_<TYPE>` metrics (precision, recall, f1, support) into a table.
+    """Collects `test/<score>_<TYPE>` metrics (precision, recall, f1, support) of the types the task
+    names (`Task.per_type_names`, e.g. entity types) into a table.
 
-    Prints it with rich and writes `<run dir>/test_per_type.csv`; does nothing for tasks that log no
-    per-type scores.
+    Prints it with rich and writes `<run dir>/test_per_type.csv`; does nothing for tasks without
+    per-type scores (classification's `test/f1_macro` is not a type).
     """
 
     SCORES = ("precision", "recall", "f1", "support")
 
     @rank_zero_only
     def on_test_end(self, trainer: "L.Trainer", pl_module) -> None:
+        task = getattr(pl_module, "task", None)
+        types = task.per_type_names() if task is not None else []
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        rows: dict[str, dict[str, float]] = {}
-        for key, value in metrics.items():
-            m = re.fullmatch(r"test/(precision|recall|f1|support)_(.+)", key)
-            if m:
-                rows.setdefault(m.group(2), {})[m.group(1)] = value
+        rows = {t: {s: metrics[f"test/{s}_{t}"] for s in self.SCORES if f"test/{s}_{t}" in metrics} for t in types}
+        rows = {t: r for t, r in rows.items() if r}
         if not rows:
             return
         overall = {s: metrics.get(f"test/{s}") for s in self.SCORES}

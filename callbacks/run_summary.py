@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
@@ -15,14 +16,43 @@ def _plain(metrics) -> dict[str, float]:
 
 class RunSummary(L.Callback):
     """Writes `<run dir>/final_metrics.json` (fit; `metrics_validate.json` / `metrics_test.json` for
-    those commands), puts the final metrics in the W&B run summary (so an
-    offline run synced later is complete) and prints where everything is."""
+    those commands), puts the final metrics in the W&B run summary (so an offline run synced later is
+    complete) and prints where everything is.
+
+    The logged values are part of every checkpoint, so a run resumed after its last validation (e.g. from
+    the end of an epoch without validation, or killed while exporting) reports the same final metrics as
+    an uninterrupted run.
+
+    Other callbacks add rows to the table by defining `summary_rows() -> list[tuple[str, str]]`.
+
+    Args:
+        print_summary: print the table at the end of `fit`.
+    """
 
     def __init__(self, print_summary: bool = True) -> None:
         self.print_summary = print_summary
+        self.restored: dict[str, float] = {}  # the logged values a resumed run's checkpoint held
+        self._trainer: "L.Trainer | None" = None
 
-    def _write(self, trainer: "L.Trainer", filename: str) -> dict[str, float]:
-        metrics = _plain(trainer.callback_metrics)
+    def setup(self, trainer: "L.Trainer", pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+    def logged(self) -> dict[str, float]:
+        """The run's logged values so far, those of the run it resumed included."""
+        now = _plain(self._trainer.callback_metrics) if self._trainer is not None else {}
+        return {**self.restored, **now}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"logged": self.logged()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.restored = dict(state_dict.get("logged", {}))
+
+    def on_validation_end(self, trainer: "L.Trainer", pl_module) -> None:
+        if trainer.state.fn == "validate" and trainer.is_global_zero:  # `finetune validate`
+            self._write(trainer, "metrics_validate.json", _plain(trainer.callback_metrics))
+
+    def _write(self, trainer: "L.Trainer", filename: str, metrics: dict[str, float]) -> dict[str, float]:
         os.makedirs(trainer.default_root_dir, exist_ok=True)
         with open(os.path.join(trainer.default_root_dir, filename), "w") as f:
             json.dump(metrics, f, indent=2)
@@ -33,7 +63,7 @@ class RunSummary(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: "L.Trainer", pl_module) -> None:
-        metrics = self._write(trainer, "final_metrics.json")
+        metrics = self._write(trainer, "final_metrics.json", self.logged())
         if not self.print_summary:
             return
         from rich.console import Console
@@ -48,8 +78,10 @@ class RunSummary(L.Callback):
             table.add_row("best checkpoint", ckpt.best_model_path or "-")
             table.add_row("last checkpoint", ckpt.last_model_path or "-")
         for cb in trainer.callbacks:
-            if getattr(cb, "path", None) and type(cb).__name__ == "HFExport":
-                table.add_row("export (save_pretrained)", cb.path)
+            rows = getattr(cb, "summary_rows", None)
+            if callable(rows):
+                for name, value in rows():
+                    table.add_row(name, value)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 run_dir = os.path.abspath(os.path.dirname(logger.experiment.dir))
@@ -61,9 +93,4 @@ class RunSummary(L.Callback):
 
     @rank_zero_only
     def on_test_end(self, trainer: "L.Trainer", pl_module) -> None:
-        self._write(trainer, "metrics_test.json")
-
-    @rank_zero_only
-    def on_validation_end(self, trainer: "L.Trainer", pl_module) -> None:
-        if trainer.state.fn == "validate":  # `finetune validate`; during fit, final_metrics.json has them
-            self._write(trainer, "metrics_validate.json")
+        self._write(trainer, "metrics_test.json", _plain(trainer.callback_metrics))

@@ -105,9 +105,12 @@ class TokenizedDataModule(L.LightningDataModule):
         if not missing:
             return splits
         from_hub = missing - set(files)
-        if from_hub and hp.dataset is not None:
+        if from_hub and hp.dataset is not None and not files:
             hub = load_hub_dataset(hp.dataset, hp.dataset_config)
             splits.update({s: hub[s] for s in from_hub if s in hub})
+        elif first and files and hp.dataset is not None:
+            rank_zero_info(f"data.data_files is given, so the hub dataset data.dataset='{hp.dataset}' is not used "
+                           f"(splits: {sorted(files)}{'; validation is carved from train' if 'validation' not in files else ''}).")
         for split in missing & set(files):
             splits[split] = load_local_split(files[split], split)
         for split in missing & set(splits):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 
-from datamodules.loading import DataError
+from datamodules.loading import DataError, DataFileNotFoundError, check_utf8
 
 _PREFIXES = {"IOB1": "BI", "IOB2": "BI", "BIOES": "BIES"}
 
@@ -26,7 +26,8 @@ def read_conll(path: str, token_column: int = 0, tag_column: int = -1, scheme: s
     `-DOCSTART-` lines are skipped; every non-blank line must have as many columns as the first one.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"CoNLL file '{path}' does not exist (cwd: {os.getcwd()}).")
+        raise DataFileNotFoundError(f"CoNLL file '{path}' does not exist (cwd: {os.getcwd()}).")
+    check_utf8(path)
     tokens, tags, lines = [], [], []
     cur_tok, cur_tag, start, n_cols = [], [], None, None
     with open(path, encoding="utf-8") as f:

@@ -8,6 +8,8 @@ from typing import Any, Mapping
 import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
 
+from finetune_lab.errors import InputError
+
 # extension -> (datasets builder, builder kwargs)
 _FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".csv": ("csv", {"keep_default_na": False}),
@@ -19,27 +21,135 @@ _FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """The data does not fit the configuration; the message says what to change."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data file that does not exist."""
+
+
+_TEXT_FORMATS = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def check_utf8(path: str, chunk_bytes: int = 1 << 24) -> None:
+    """Raise DataError naming the line and column of the first byte that is not UTF-8 (read in chunks)."""
+    line, carry, column0 = 1, b"", 0  # column0: bytes of the current line before `data`
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            data, final = carry + chunk, not chunk
+            carry = b""
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if not final and e.reason == "unexpected end of data":  # a character cut by the chunk boundary
+                    carry, data = data[e.start:], data[:e.start]
+                else:
+                    before = data[:e.start]
+                    line += before.count(b"\n")
+                    column = e.start - (before.rfind(b"\n") + 1) + 1 + (column0 if b"\n" not in before else 0)
+                    raise DataError(f"{path}:{line}: byte 0x{data[e.start:e.start + 1].hex()} at column {column} is not "
+                                    "valid UTF-8 (the file is in another encoding, e.g. Latin-1 or cp1252). Re-save it as "
+                                    f"UTF-8, e.g. `iconv -f latin1 -t utf-8 {os.path.basename(path)} > "
+                                    f"fixed{os.path.splitext(path)[1]}`.") from None
+            if final:
+                return
+            line += data.count(b"\n")
+            column0 = len(data) - (data.rfind(b"\n") + 1) + (column0 if b"\n" not in data else 0)
+
+
+def check_delimited(path: str, ext: str) -> None:
+    """Raise DataError at the first row of a CSV/TSV whose field count differs from the header's, or at an
+    opening quote that is never closed (CSV); pandas reports these only deep in a chained error."""
+    if ext == ".tsv":  # no quoting: a field is what lies between tabs
+        with open(path, encoding="utf-8", newline="") as f:
+            header = f.readline().rstrip("\r\n")
+            n = len(header.split("\t"))
+            for lineno, raw in enumerate(f, start=2):
+                text = raw.rstrip("\r\n")
+                if text and len(text.split("\t")) != n:
+                    raise DataError(f"{path}:{lineno}: {len(text.split(chr(9)))} tab-separated fields, but the header has "
+                                    f"{n} ({header!r}). A tab inside a text field splits it: remove or replace it.")
+        return
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, strict=True)
+        start = 1
+        try:
+            header = next(reader, None)
+            n = len(header or [])
+            start = reader.line_num + 1
+            for row in reader:
+                if row and len(row) != n:
+                    raise DataError(f"{path}:{start}: {len(row)} comma-separated fields, but the header has {n}. Quote "
+                                    'a field that contains a comma ("a, b"), and double a quote inside a quoted field.')
+                start = reader.line_num + 1
+        except csv.Error as e:
+            if "unexpected end of data" in str(e) or "EOF" in str(e):
+                raise DataError(f"{path}:{start}: a quoted field opened on this line is never closed (it runs to the "
+                                'end of the file). Close the quote, or double a quote inside a quoted field ("").') from None
+            raise DataError(f"{path}:{reader.line_num}: {e}.") from None
+
+
+def check_jsonl(path: str) -> None:
+    """Raise DataError at the first line of a JSON-lines file that is not one JSON object."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON at column {e.colno} ({e.msg}); every line of a .jsonl "
+                                "file must be one JSON object.") from None
+            if not isinstance(value, dict):
+                raise DataError(f"{path}:{lineno}: a JSON {type(value).__name__}, not an object; every line of a .jsonl "
+                                'file must be one object such as {"text": ..., "label": ...}.')
 
 
 def load_local_split(path: str, split: str) -> Dataset:
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data_files.{split}: file '{path}' does not exist (cwd: {os.getcwd()}).")
+        raise DataFileNotFoundError(f"data_files.{split}: file '{path}' does not exist (cwd: {os.getcwd()}).")
     ext = os.path.splitext(path)[1].lower()
     if ext not in _FORMATS:
         raise DataError(f"data_files.{split}: '{path}' has extension '{ext}'; supported: {sorted(_FORMATS)}.")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"data_files.{split}: '{path}' has no rows (the file is empty).")
+    if ext in _TEXT_FORMATS:
+        check_utf8(path)
+    if ext in (".csv", ".tsv"):
+        check_delimited(path, ext)
     builder, kwargs = _FORMATS[ext]
     try:
         ds = load_dataset(builder, data_files={split: os.path.abspath(path)}, split=split, **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
-        if "corresponds to no data" in str(e) or os.path.getsize(path) == 0:
+        if "corresponds to no data" in str(e):
             raise DataError(f"data_files.{split}: '{path}' has no rows.") from e
-        raise DataError(f"data_files.{split}: could not parse '{path}' as {ext[1:]}: {e}") from e
+        if ext == ".jsonl":
+            check_jsonl(path)  # raises with the line when it finds the cause
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        raise DataError(f"data_files.{split}: could not parse '{path}' as {ext[1:]}: {type(cause).__name__}: "
+                        f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''}") from e
     if len(ds) == 0:
         raise DataError(f"data_files.{split}: '{path}' has no rows.")
     return ds
+
+
+def read_text_lines(path: str, option: str) -> list[str]:
+    """The non-empty lines of a UTF-8 text file (newline stripped), e.g. a `.txt` predict file."""
+    if not os.path.isfile(path):
+        raise DataFileNotFoundError(f"{option}: file '{path}' does not exist (cwd: {os.getcwd()}).")
+    check_utf8(path)
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\n").rstrip("\r") for line in f if line.strip()]
+    if not lines:
+        raise DataError(f"{option} '{path}' has no non-empty lines.")
+    return lines
 
 
 def load_hub_dataset(name: str, config: str | None) -> DatasetDict:

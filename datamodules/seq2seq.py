@@ -10,7 +10,7 @@ from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.base import TokenizedDataModule, check_data_args, tokenizer_fingerprint
-from datamodules.loading import DataError, check_columns, column_values, load_local_split
+from datamodules.loading import DataError, check_columns, column_values, load_local_split, read_text_lines
 from datamodules.noise import NOISE_VERSION, example_rng, perturb_text
 from datamodules.tokenizer_training import has_tokenizer, train_tokenizer
 from lightning_modules.backbones import load_tokenizer
@@ -262,12 +262,7 @@ class Seq2SeqDataModule(TokenizedDataModule):
         hp = self.hparams
         path = hp.predict_file
         if path.endswith(".txt"):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"data.predict_file: file '{path}' does not exist.")
-            with open(path, encoding="utf-8") as f:
-                lines = [line.rstrip("\n") for line in f if line.strip()]
-            if not lines:
-                raise DataError(f"data.predict_file '{path}' has no non-empty lines.")
+            lines = read_text_lines(path, "data.predict_file")
             rows = [{hp.source_column: t} for t in lines]
             return Dataset.from_dict({hp.translation_column: rows} if hp.translation_column else {hp.source_column: lines})
         ds = load_local_split(path, "predict")

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from datasets import ClassLabel, Dataset
 from datasets.fingerprint import Hasher
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.base import TokenizedDataModule, check_data_args, tokenizer_fingerprint
-from datamodules.loading import DataError, check_columns, column_values, load_local_split
+from datamodules.loading import DataError, check_columns, column_values, load_local_split, read_text_lines
 from datamodules.noise import NOISE_VERSION, example_rng, perturb_text
 
 ENCODE_VERSION = 1  # bump when `encode` changes, to invalidate cached tokenizations
@@ -199,6 +199,11 @@ class TextClassificationDataModule(TokenizedDataModule):
             label_to_id = {i: names.index(name) for i, name in enumerate(feature.names)}
         else:
             ids = list(range(len(names))) if names is not None else sorted(values)
+            if names is None:
+                rank_zero_warn(f"label_column '{hp.label_column}' holds integer ids {ids[:10]}{' ...' if len(ids) > 10 else ''} "
+                               "without names: predictions and the export will call the labels "
+                               f"{[str(v) for v in ids[:6]]}{' ...' if len(ids) > 6 else ''}. Name them in id order with "
+                               "data.label_names, e.g. --data.init_args.label_names '[negative, positive]'.")
             names = names or [str(v) for v in ids]
             label_to_id = {v: i for i, v in enumerate(ids)}
         out_of_range = sorted(set(values) - set(label_to_id), key=str)
@@ -306,13 +311,7 @@ class TextClassificationDataModule(TokenizedDataModule):
     def _load_predict(self) -> Dataset:
         path = self.hparams.predict_file
         if path.endswith(".txt"):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"data.predict_file: file '{path}' does not exist.")
-            with open(path, encoding="utf-8") as f:
-                lines = [line.rstrip("\n") for line in f if line.strip()]
-            if not lines:
-                raise DataError(f"data.predict_file '{path}' has no non-empty lines.")
-            return Dataset.from_dict({self.hparams.text_column: lines})
+            return Dataset.from_dict({self.hparams.text_column: read_text_lines(path, "data.predict_file")})
         ds = load_local_split(path, "predict")
         check_columns(ds, "predict", {"text_column": self.hparams.text_column,
                                       "text_pair_column": self.hparams.text_pair_column})

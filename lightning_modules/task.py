@@ -82,6 +82,21 @@ class Task:
     def loss(self, outputs: Any, batch: Batch) -> Tensor:
         raise NotImplementedError
 
+    def loss_weight(self, batch: Batch) -> int:
+        """How many terms the batch's mean `loss` averages: its rows by default. Evaluation weights each
+        batch's loss by it, so `val/loss` is the mean over the split whatever the batch size or number of
+        processes; token-level losses return the number of scored tokens."""
+        return int(batch["input_ids"].shape[0])
+
+    def per_type_names(self) -> list[str]:
+        """Types the task also scores one by one (entity types), logged as `<stage>/<score>_<type>` for
+        score in precision, recall, f1, support; `finetune test` tabulates them."""
+        return []
+
+    def tag(self) -> str:
+        """The task's name in run tags."""
+        return type(self).__name__.lower()
+
     def example_losses(self, outputs: Any, batch: Batch) -> Tensor:
         """The loss of each example of the batch (B,), e.g. for an attack that keeps each example's worst
         perturbation. Token tasks average over each example's labelled tokens."""

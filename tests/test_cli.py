@@ -2,6 +2,9 @@
 import glob
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -127,7 +130,8 @@ def test_yaml_typo_is_rejected_with_the_key_named(tiny_backbone, toy_data, tmp_p
 def fitted_run(tiny_backbone, toy_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli_run")
     cfg = cli_config(tmp, tiny_backbone, toy_data, **{"trainer.max_epochs": 6, "model.lr": 3e-3})
-    run_cli(["fit", "-c", cfg, "--run_root", str(tmp / "runs"), "--experiment", "toy"], cwd=tmp)
+    proc = run_cli(["fit", "-c", cfg, "--run_root", str(tmp / "runs"), "--experiment", "toy"], cwd=tmp)
+    (tmp / "fit.log").write_text(proc.stdout + proc.stderr)  # for the output-noise test
     return tmp, cfg, os.path.join(tmp, "runs", "toy", "version_0")
 
 
@@ -152,8 +156,9 @@ def test_export_loads_in_pipeline_and_predict_writes_jsonl(fitted_run):
     clf = pipeline("text-classification", model=os.path.join(run, "export"), top_k=None)
     piped = [{d["label"]: d["score"] for d in out} for out in clf(texts)]
     assert all(set(p) == {"negative", "positive"} for p in piped)
-    run_cli(["predict", "-c", cfg, "--run_root", str(tmp / "runs"), "--experiment", "toy", "--ckpt_path", "best",
-             "--data.init_args.predict_file", str(tmp / "inputs.txt")], cwd=tmp)
+    proc = run_cli(["predict", "-c", cfg, "--run_root", str(tmp / "runs"), "--experiment", "toy", "--ckpt_path", "best",
+                    "--data.init_args.predict_file", str(tmp / "inputs.txt")], cwd=tmp)
+    (tmp / "predict.log").write_text(proc.stdout + proc.stderr)  # for the output-noise test
     with open(os.path.join(tmp, "runs", "toy", "version_1", "predictions.jsonl")) as f:
         preds = [json.loads(line) for line in f]
     assert [p["text"] for p in preds] == texts
@@ -191,3 +196,160 @@ def test_checkpoint_carries_labels_and_rebuilds_with_load_from_checkpoint(fitted
     module = TaskModule.load_from_checkpoint(os.path.join(run, "checkpoints", "last.ckpt"), weights_only=False)
     assert module.model.config.id2label == {0: "negative", 1: "positive"}
     assert type(module.task).__name__ == "SequenceClassification"
+
+
+NOISE = ["LOAD REPORT", "Consider training on your downstream task", "Previous log files in this directory will be deleted",
+         "anonymous setting", "litlogger", "isinstance(treespec, LeafSpec)"]
+
+
+def test_runs_print_no_noise(fitted_run):
+    tmp, _, _ = fitted_run
+    fit = (tmp / "fit.log").read_text()
+    assert not [n for n in NOISE if n in fit], fit[-3000:]
+    assert "new task head classifier (randomly initialised)" in fit  # the one line that replaces the load report
+    predict = (tmp / "predict.log").read_text()  # the predict test ran first (file order)
+    assert not [n for n in NOISE if n in predict] and "new task head" not in predict, predict[-3000:]
+
+
+# ---------------------------------------------------------------- composing experiment files
+def _printed(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_regime_files_stack_in_order_and_the_command_line_appends_too(capsys):
+    exp = os.path.join(ROOT, "experiments")
+    printed = _printed(["-c", f"{exp}/quickstart.yaml", "-c", f"{exp}/regimes/fgm.yaml", "-c", f"{exp}/regimes/lora.yaml"], capsys)
+    regimes = printed["model"]["regimes"]
+    assert [r["class_path"] for r in regimes] == ["lightning_modules.regimes.FGM", "lightning_modules.regimes.Peft"]
+    assert regimes[0]["init_args"] == {"eps": 1.0, "alpha": 1.0, "per_example": False}
+    assert regimes[1]["init_args"]["config"] == {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "use_rslora": True,
+                                                 "target_modules": ["query", "value"]}
+    assert printed["model"]["lr"] == 5e-4  # the later file wins for plain values
+    assert printed["robustness"]["attack_eps"] == [0.25, 1.0]
+    pgd = json.dumps({"class_path": "lightning_modules.regimes.PGD", "init_args": {"eps": 0.1}})
+    printed = _printed(["-c", f"{exp}/quickstart.yaml", "-c", f"{exp}/regimes/distill.yaml", "--model.regimes+", pgd], capsys)
+    assert [r["class_path"].rsplit(".", 1)[1] for r in printed["model"]["regimes"]] == ["Distillation", "PGD"]
+
+
+def test_data_paths_in_a_config_resolve_against_its_folder_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository root
+    cli = build_cli(["-c", os.path.join(ROOT, "experiments", "quickstart.yaml"), "--run_root", str(tmp_path / "runs"),
+                     "--trainer.logger", "false"], run=False)
+    assert cli.datamodule.hparams.data_files == {"train": os.path.join(ROOT, "data", "quickstart", "train.jsonl"),
+                                                 "validation": os.path.join(ROOT, "data", "quickstart", "validation.jsonl")}
+
+
+def test_a_missing_data_path_says_where_it_was_resolved_from(tmp_path, monkeypatch, capsys):
+    from datamodules.loading import DataError
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "t.jsonl").write_text('{"text": "good", "label": "positive"}\n')
+    cfg = tmp_path / "configs" / "mine.yaml"
+    task = {"task": {"class_path": "lightning_modules.tasks.SequenceClassification"}}
+    cfg.write_text(yaml.safe_dump({"model": task, "data": {"class_path": "datamodules.TextClassificationDataModule",
+                                   "init_args": {"data_files": {"train": "../data/t.jsonl", "validation": "v.jsonl"}}}}))
+    monkeypatch.chdir(tmp_path)
+    args = ["-c", str(cfg), "--run_root", str(tmp_path / "runs"), "--trainer.logger", "false"]
+    with pytest.raises(DataError, match=r"mine.yaml: data.data_files.validation 'v.jsonl' does not exist: relative paths in "
+                                        r"a config file are resolved against that file's folder, .*configs, giving .*configs/v.jsonl"):
+        build_cli(args, run=False)
+    assert not os.path.exists(tmp_path / "runs")  # nothing was created
+    # a path written for the working directory is still found there, with a note
+    cfg.write_text(yaml.safe_dump({"model": task, "data": {"class_path": "datamodules.TextClassificationDataModule",
+                                   "init_args": {"data_files": {"train": "data/t.jsonl"}}}}))
+    cli = build_cli(args, run=False)
+    assert cli.datamodule.hparams.data_files["train"] == str(tmp_path / "data" / "t.jsonl")
+    assert "is not found next to that file" in capsys.readouterr().err
+    # on the command line, paths are relative to the working directory
+    cli = build_cli([*args, "--data.init_args.data_files.train", "data/t.jsonl"], run=False)
+    assert cli.datamodule.hparams.data_files["train"] == str(tmp_path / "data" / "t.jsonl")
+
+
+# ---------------------------------------------------------------- errors in one line, no leftovers
+def _main(args, monkeypatch, capsys):
+    from finetune_lab.cli import main
+
+    monkeypatch.setattr("sys.argv", ["finetune", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("t.tsv", b"text\tlabel\ngood film\tpositive\nbad\tfilm\tnegative\n",
+     r"t.tsv:3: 3 tab-separated fields, but the header has 2"),
+    ("t.csv", b'text,label\n"good film,positive\nbad film,negative\n', r"t.csv:2: a quoted field opened on this line is never closed"),
+    ("t.jsonl", b'{"text": "good", "label": "positive"}\n{"text": "caf\xe9", "label": "negative"}\n',
+     r"t.jsonl:2: byte 0xe9 at column 14 is not valid UTF-8"),
+    ("t.tsv", b"text\tlabel\ngood\tpositive\nna\xefve\tnegative\n", r"t.tsv:3: byte 0xef at column 3 is not valid UTF-8"),
+    ("t.conll", b"EU NNP B-ORG\n\nM\xfcller NNP B-PER\n", r"t.conll:3: byte 0xfc at column 2 is not valid UTF-8"),
+], ids=["tsv-fields", "csv-quote", "jsonl-utf8", "tsv-utf8", "conll-utf8"])
+def test_bad_data_files_are_one_line_naming_file_line_and_fix(tiny_backbone, toy_data, tmp_path, monkeypatch, capsys,
+                                                              name, content, expected):
+    (tmp_path / name).write_bytes(content)
+    overrides = {"trainer.logger": False, "data.init_args.data_files": {"train": str(tmp_path / name),
+                                                                         "validation": toy_data["validation"]}}
+    if name.endswith(".conll"):
+        overrides.update({"model.task": {"class_path": "lightning_modules.tasks.TokenClassification"},
+                          "data.class_path": "datamodules.TokenClassificationDataModule",
+                          "data.init_args.data_files": {"train": str(tmp_path / name)}})
+    cfg = cli_config(tmp_path, tiny_backbone, toy_data, **overrides)
+    code, err = _main(["fit", "-c", cfg, "--run_root", str(tmp_path / "runs")], monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("finetune: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert re.search(expected, lines[0]) and re.search(r"(Re-save it as UTF-8|remove or replace it|Close the quote)", lines[0])
+    assert glob.glob(str(tmp_path / "runs" / "*" / "version_*")) == []  # the failed run left no directory
+
+
+def test_a_run_that_fails_after_training_keeps_its_directory(tiny_backbone, toy_data, tmp_path, monkeypatch, capsys):
+    cfg = cli_config(tmp_path, tiny_backbone, toy_data, **{"trainer.logger": False, "trainer.max_epochs": 1})
+    fail = json.dumps({"class_path": "tests.test_cli.FailAt", "init_args": {"step": 3}})
+    with pytest.raises(RuntimeError, match="failing on purpose"):
+        build_cli(["fit", "-c", cfg, "--run_root", str(tmp_path / "runs"), "--trainer.callbacks+", fail])
+    assert len(glob.glob(str(tmp_path / "runs" / "*" / "version_0"))) == 1
+
+
+class FailAt(__import__("lightning").Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("failing on purpose")
+
+
+# ---------------------------------------------------------------- W&B without a network
+def test_wandb_mode_is_honoured_before_the_api_key(monkeypatch):
+    from finetune_lab.loggers import wandb_mode
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    for mode, expected in (("offline", "offline"), ("dryrun", "offline"), ("disabled", "disabled"), ("online", "online")):
+        monkeypatch.setenv("WANDB_MODE", mode)
+        assert wandb_mode() == expected
+    monkeypatch.delenv("WANDB_MODE")
+    assert wandb_mode() == "online"
+    monkeypatch.delenv("WANDB_API_KEY")
+    assert wandb_mode() == "offline"
+
+
+def test_an_api_key_without_a_reachable_server_falls_back_to_offline(tiny_backbone, toy_data, tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on: the W&B server "is not there"
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = cli_config(tmp_path, tiny_backbone, toy_data, **{"trainer.max_epochs": 1})
+    env = dict(os.environ, WANDB_API_KEY="k" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{port}", PYTHONPATH=ROOT)
+    env.pop("WANDB_MODE")
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "finetune_lab.cli", "fit", "-c", cfg, "--run_root", str(tmp_path / "runs"),
+                           "--experiment", "wb"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.time() - start < 120
+    assert "this run logs offline" in proc.stderr and f"127.0.0.1:{port} is not reachable" in proc.stderr
+    assert glob.glob(str(tmp_path / "runs" / "wb" / "version_0" / "wandb" / "offline-run-*" / "run-*.wandb"))

@@ -247,3 +247,35 @@ def test_error_max_length_beyond_the_model():
     dm = tc.TextClassificationDataModule(tokenizer="minilm", data_files={"train": "unused.csv"}, max_length=4096)
     with pytest.raises(DataError, match="max_length=4096 exceeds"):
         dm.setup("fit")
+
+
+@pytest.mark.parametrize("kind", ["text", "token"])
+def test_local_data_files_never_fetch_the_hub_dataset(tiny_backbone, toy_data, tmp_path, kind):
+    """sst2.yaml / conll2003.yaml name a hub dataset; local files without a validation split must not
+    fetch it from the hub (offline that is an error): validation is carved from train instead."""
+    from datamodules import TokenClassificationDataModule
+    from tests.helpers import toy_ner_sentences, write_conll
+
+    if kind == "text":
+        dm = make_dm(tiny_backbone, {"train": toy_data["train"], "test": toy_data["test"]}, dataset="glue",
+                     dataset_config="sst2")
+    else:
+        files = {"train": write_conll(str(tmp_path / "t.conll"), toy_ner_sentences(50, 0)),
+                 "test": write_conll(str(tmp_path / "te.conll"), toy_ner_sentences(10, 1))}
+        dm = TokenClassificationDataModule(tokenizer=tiny_backbone, dataset="conll2003", data_files=files)
+    dm.setup("fit")
+    assert len(dm._encoded["validation"]) > 0  # carved from train
+
+
+def test_integer_labels_without_names_get_a_hint(tiny_backbone, tmp_path):
+    rows = [{"text": r["text"], "label": i % 6} for i, r in enumerate(toy_sentiment_rows(36, 0))]
+    files = {"train": write_jsonl(str(tmp_path / "t.jsonl"), rows), "validation": write_jsonl(str(tmp_path / "v.jsonl"), rows[:6])}
+    with pytest.warns(UserWarning, match=r"integer ids \[0, 1, 2, 3, 4, 5\] without names.*data.label_names"):
+        make_dm(tiny_backbone, files).setup("fit")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm = make_dm(tiny_backbone, files, label_names=[f"c{i}" for i in range(6)])
+        dm.setup("fit")
+    assert dm.data_info["label_names"] == [f"c{i}" for i in range(6)]

@@ -222,3 +222,80 @@ def test_lora_run_killed_and_resumed_from_cli_equals_uninterrupted(setup_data, t
             finals.append(json.load(f))
     for key in ("val/accuracy", "val/loss", "val/accuracy_best"):
         assert finals[0][key] == finals[1][key], key
+
+
+@pytest.mark.parametrize("task_name", ["seq", "token"])
+def test_adapter_export_of_any_label_count_loads_with_the_documented_peft_call(setup_data, tmp_path, task_name):
+    """6 classes (classification) and 4 tags (NER): peft rebuilds the base from its name, so the export's
+    labels.json carries the head's label arguments; the base is recorded by a name that works elsewhere."""
+    import json
+    import os
+
+    import lightning as L
+    from peft import AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification
+
+    from callbacks import HFExport
+    from callbacks.export import load_adapter_export
+    from datamodules import TokenClassificationDataModule
+    from lightning_modules.tasks import TokenClassification
+    from tests.helpers import toy_sentiment_rows, write_jsonl
+
+    base, cls_files, ner_files = setup_data
+    if task_name == "seq":
+        rows = [dict(r, label=f"class{i % 6}") for i, r in enumerate(toy_sentiment_rows(60, 3))]
+        files = {"train": write_jsonl(str(tmp_path / "t.jsonl"), rows), "validation": write_jsonl(str(tmp_path / "v.jsonl"), rows[:12])}
+        dm, task, auto = TextClassificationDataModule(tokenizer=base, data_files=files, batch_size=8), SequenceClassification(), \
+            AutoPeftModelForSequenceClassification
+    else:
+        dm, task, auto = TokenClassificationDataModule(tokenizer=base, data_files=ner_files, batch_size=8), TokenClassification(), \
+            AutoPeftModelForTokenClassification
+    L.seed_everything(0)
+    module = TaskModule(task, backbone=base, regimes=[_lora()], lr=1e-2)
+    export = str(tmp_path / "export")
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0,
+                           callbacks=[HFExport(dirpath=export, use_best=False)])
+    trainer.fit(module, datamodule=dm)
+    with open(os.path.join(export, "labels.json")) as f:
+        labels = json.load(f)
+    assert labels["num_labels"] == len(dm.data_info["label_names"]) == (6 if task_name == "seq" else 4)
+    with open(os.path.join(export, "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == os.path.abspath(base)
+    batch = next(iter(dm.val_dataloader()))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    module.eval()
+    with torch.no_grad():
+        ours = module.model(**inputs).logits
+        loaded = load_adapter_export(export).eval()  # the README's call
+        torch.testing.assert_close(loaded(**inputs).logits, ours, atol=1e-5, rtol=1e-5)
+        plain_peft = auto.from_pretrained(export, num_labels=labels["num_labels"]).eval()  # peft alone
+        torch.testing.assert_close(plain_peft(**inputs).logits, ours, atol=1e-5, rtol=1e-5)
+    assert loaded.config.id2label == dict(enumerate(dm.data_info["label_names"]))
+    assert type(loaded).__name__ == ("PeftModelForSequenceClassification" if task_name == "seq" else "PeftModelForTokenClassification")
+    assert not os.path.exists(export + ".tmp")
+
+
+def test_minilm_adapters_are_recorded_by_their_hub_name_which_resolves_offline():
+    from lightning_modules.backbones import Backbone, minilm_path, resolve_backbone
+
+    assert Backbone("minilm").portable_name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert resolve_backbone("sentence-transformers/all-MiniLM-L6-v2") == minilm_path()  # the package ships that repository
+
+
+def test_an_interrupted_export_leaves_no_partial_export(setup_data, tmp_path, monkeypatch):
+    import os
+
+    from callbacks import HFExport
+
+    module, dm = task_setup(setup_data, "seq", [])
+    export = HFExport(dirpath=str(tmp_path / "export"), use_best=False)
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
+                           callbacks=[export])
+
+    def fail(*args, **kwargs):
+        raise OSError("killed while writing the tokenizer")
+
+    monkeypatch.setattr(type(module.backbone.tokenizer()), "save_pretrained", fail)
+    with pytest.raises(OSError, match="killed while writing"):
+        trainer.fit(module, datamodule=dm)
+    assert not os.path.exists(tmp_path / "export") and not os.path.exists(tmp_path / "export.tmp")
+    assert export.path is None

@@ -185,6 +185,26 @@ def test_tiny_model_learns_toy_tagging(ner_backbone, ner_files, tmp_path):
     assert {"val/precision", "val/recall", "val/f1_PER", "val/f1_LOC", "val/f1_best"} <= set(metrics)
 
 
+def test_validation_loss_is_the_token_mean_whatever_the_batch_size(ner_backbone, ner_files, tmp_path):
+    from lightning_modules import TaskModule
+
+    module = TaskModule(TokenClassification(), backbone=ner_backbone, lr=5e-3)
+    losses = {}
+    for eval_batch_size in (3, 16, 64):
+        dm = tokc.TokenClassificationDataModule(tokenizer=ner_backbone, data_files=ner_files, eval_batch_size=eval_batch_size)
+        trainer = make_trainer(tmp_path)
+        losses[eval_batch_size] = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"]
+    total, tokens = 0.0, 0
+    with torch.no_grad():  # by hand: one cross-entropy over every labelled token of the split
+        for batch in dm.val_dataloader():
+            logits = module.task.forward(module.model.eval(), batch).logits
+            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+                                                             ignore_index=-100, reduction="sum"))
+            tokens += int((batch["labels"] != -100).sum())
+    for value in losses.values():
+        assert value == pytest.approx(total / tokens, rel=1e-6)
+
+
 def _ner_config(tmp_path, backbone, files, **overrides):
     return cli_config(tmp_path, backbone, files, **{
         "model.task": {"class_path": "lightning_modules.tasks.TokenClassification"},
@@ -198,6 +218,15 @@ def test_cli_fit_test_report_predict_and_pipeline(ner_backbone, ner_files, tmp_p
     cfg = _ner_config(tmp_path, ner_backbone, ner_files)
     root = str(tmp_path / "runs")
     run_cli(["fit", "-c", cfg, "--run_root", root, "--experiment", "ner"], cwd=tmp_path)
+    # 2 processes and another batch size validate the final model to the fit's own val/loss (token mean, DDP-exact)
+    run_cli(["validate", "-c", cfg, "--run_root", root, "--experiment", "ner_ddp", "--ckpt_path",
+             os.path.join(root, "ner", "version_0", "checkpoints", "last.ckpt"), "--trainer.devices", "2",
+             "--trainer.strategy", "ddp", "--data.init_args.eval_batch_size", "5"], cwd=tmp_path)
+    with open(os.path.join(root, "ner", "version_0", "final_metrics.json")) as f:
+        single = json.load(f)
+    with open(os.path.join(root, "ner_ddp", "version_0", "metrics_validate.json")) as f:
+        ddp = json.load(f)
+    assert ddp["val/loss"] == pytest.approx(single["val/loss"], rel=1e-6) and ddp["val/f1"] == single["val/f1"]
     run_cli(["test", "-c", cfg, "--run_root", root, "--experiment", "ner", "--ckpt_path", "best"], cwd=tmp_path)
     with open(os.path.join(root, "ner", "version_1", "test_per_type.csv")) as f:
         lines = f.read().splitlines()

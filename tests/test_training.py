@@ -127,3 +127,19 @@ def test_checkpoint_ranking_survives_a_resume_into_a_new_directory(tmp_path):
     new._remove_checkpoint(type("T", (), {"strategy": type("S", (), {"remove_checkpoint": removed.append})()})(),
                            old.best_model_path)
     assert removed == []  # files of the earlier run are never deleted
+
+
+def test_test_report_is_only_for_tasks_with_types(tiny_backbone, toy_data, tmp_path, capsys):
+    """Classification logs test/f1_macro, which is no per-type score: no table, no test_per_type.csv."""
+    import os
+
+    from callbacks import PerTypeReport
+
+    dm = make_dm(tiny_backbone, toy_data)
+    module = make_module(tiny_backbone)
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0, callbacks=[PerTypeReport()])
+    trainer.fit(module, datamodule=dm)
+    capsys.readouterr()
+    trainer.test(module, datamodule=dm, verbose=False)
+    assert not os.path.exists(tmp_path / "test_per_type.csv")
+    assert "per type" not in capsys.readouterr().out

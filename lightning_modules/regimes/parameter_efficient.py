@@ -10,18 +10,12 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from lightning_modules.backbones import BackboneError, encoder_layers
+from lightning_modules.parameters import head_module_names
 from lightning_modules.regime import Regime
 from lightning_modules.task import Task
 
 if TYPE_CHECKING:
     from lightning_modules.module import TaskModule
-
-
-def head_module_names(model: nn.Module) -> list[str]:
-    """Top-level children outside the backbone that hold parameters: the task head (e.g. `classifier`)."""
-    base = getattr(model, "base_model_prefix", None)
-    return [name for name, child in model.named_children()
-            if name != base and any(True for _ in child.parameters())]
 
 
 class Peft(Regime):

@@ -180,6 +180,9 @@ class Seq2Seq(Task):
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
                                label_smoothing=self.label_smoothing)
 
+    def loss_weight(self, batch: Batch) -> int:
+        return int((batch["labels"] != -100).sum())  # the loss is a mean over the target tokens
+
     def example_losses(self, outputs: Any, batch: Batch) -> Tensor:
         return token_example_losses(outputs.logits.float(), batch["labels"], self.label_smoothing)
 

@@ -17,7 +17,7 @@ from torchmetrics import MetricCollection
 
 from lightning_modules.backbones import Backbone
 from lightning_modules.task import Batch, Task
-from lightning_modules.tasks.entity_metrics import EntityScores, extract_entities
+from lightning_modules.tasks.entity_metrics import EntityScores, entity_types, extract_entities
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -77,6 +77,12 @@ class TokenClassification(Task):
     def loss(self, outputs: Any, batch: Batch) -> Tensor:
         logits = self.token_logits(outputs, batch).float()  # (B, T, num_tags)
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+    def loss_weight(self, batch: Batch) -> int:
+        return int((batch["labels"] != -100).sum())  # the loss is a mean over the labelled tokens
+
+    def per_type_names(self) -> list[str]:
+        return entity_types(self.label_names)
 
     def example_losses(self, outputs: Any, batch: Batch) -> Tensor:
         return token_example_losses(self.token_logits(outputs, batch).float(), batch["labels"])
