@@ -110,7 +110,7 @@ def child(name: str, phase: str, n_train: int | None, out: str, save_dir: str | 
             os.makedirs(save_dir, exist_ok=True)
             trainer.save_checkpoint(os.path.join(save_dir, f"{name}.ckpt"))
         result.update({
-            "n_train": len(dm._encoded["train"]), "steps": int(trainer.global_step), **_accuracy_fields(m),
+            "n_train": len(dm.encoded("train")), "steps": int(trainer.global_step), **_accuracy_fields(m),
             "train_loss_clean": m.get("train/loss_clean"), "train_loss_adv": m.get("train/loss_adv"),
             "train_s": round(timer.train_s, 1), "s_per_step_epoch": round(timer.train_s / trainer.global_step, 4),
         })

@@ -88,7 +88,7 @@ def main() -> None:
                         limit_val_batches=0, gradient_clip_val=1.0, callbacks=[timer])
     trainer.fit(module, datamodule=dm)
     dm.setup("test")
-    n_train = len(dm._encoded["train"])
+    n_train = len(dm.encoded("train"))
     result = {"settings": vars(args), "n_train": n_train, "train_s": round(timer.seconds, 1),
               "train_sentences_per_s": round(args.epochs * n_train / timer.seconds, 2),
               "words_cut": dm.words_cut,

@@ -4,7 +4,7 @@ beam 5. Prints the learning curve (validation BLEU/chrF with greedy decoding aft
 time (training steps only, and with the per-epoch validations), real (non-padding) source+target tokens/s,
 and test2016 BLEU / chrF with their sacrebleu signatures.
 
-Target (issue 7): test2016 BLEU >= 30 within about 60 minutes of training on 2 CPU cores.
+Target: test2016 BLEU >= 30 within about 60 minutes of training on 2 CPU cores.
 Reference: a hand-written loop with the same model size reached 38.45 (beam 5) after 12 epochs / 48 min
 (`../shared/baselines/multi30k`).
 

@@ -17,17 +17,15 @@ class DistillationReport(L.Callback):
 
     Logs `test/teacher_<metric>`, `test/retention_pct` (student / teacher, %) and `test/speedup` (student
     samples/s over teacher samples/s), prints a table and writes `<run dir>/distillation_report.json`.
-    Does nothing without a `Distillation` regime.
+    The teacher is the first regime's `teacher_model` (a distillation teacher); without one it does nothing.
     """
 
     def on_test_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        from lightning_modules.regimes import Distillation
-
-        regime = next((r for r in getattr(pl_module, "regimes", []) if isinstance(r, Distillation)), None)
-        if regime is None:
+        teacher = next((t for r in getattr(pl_module, "regimes", []) if (t := r.teacher_model(pl_module)) is not None), None)
+        if teacher is None:
             return
         task, monitor = pl_module.task, pl_module.task.monitor
-        models = {"student": pl_module.model, "teacher": regime.ensure_teacher(pl_module)}
+        models = {"student": pl_module.model, "teacher": teacher}
         limit = trainer.num_test_batches[0] if trainer.num_test_batches else None
         report = {}
         for name, model in models.items():

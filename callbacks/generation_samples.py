@@ -10,10 +10,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
 class GenerationSamples(L.Callback):
-    """For generation tasks (those whose task keeps `samples`): after each validation, log the first
-    generations (source, reference, hypothesis) as the W&B table `val/samples` and append them to
-    `<run dir>/generation_samples.jsonl` with the epoch; once, log the sacrebleu signatures of the
-    metrics (W&B config `signatures/*` and `<run dir>/metric_signatures.json`). Other tasks: no-op.
+    """For tasks with example outputs (`Task.eval_samples()`, e.g. generation): after each validation, log
+    the first ones (source, reference, hypothesis) as the W&B table `val/samples` and append them to
+    `<run dir>/generation_samples.jsonl` with the epoch; once, log the metrics' signatures
+    (`Task.metric_signatures`, e.g. sacrebleu's: W&B config `signatures/*` and
+    `<run dir>/metric_signatures.json`). Tasks without either: no-op.
 
     Args:
         enabled: turn it off without removing it from the config.
@@ -26,13 +27,13 @@ class GenerationSamples(L.Callback):
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         task = getattr(pl_module, "task", None)
-        samples = getattr(task, "samples", None)
+        samples = task.eval_samples() if task is not None else None
         if not self.enabled or trainer.sanity_checking or samples is None:
             return
         os.makedirs(trainer.default_root_dir, exist_ok=True)
-        if not self._signed and hasattr(task, "signatures"):
+        if not self._signed:
             self._signed = True
-            signatures = task.signatures(pl_module.val_metrics)
+            signatures = task.metric_signatures(pl_module.val_metrics)
             if signatures:
                 with open(os.path.join(trainer.default_root_dir, "metric_signatures.json"), "w") as f:
                     json.dump(signatures, f, indent=2)

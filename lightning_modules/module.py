@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, MinMetric
 
+from finetune_lab.data_info import DataInfo
 from finetune_lab.errors import CheckpointError
 from lightning_modules.backbones import Backbone, architecture
 from lightning_modules.parameters import (decay_groups, frozen_fingerprint, head_module_names, no_decay_parameter_names,
@@ -162,21 +163,22 @@ class TaskModule(L.LightningModule):
         self.strict_loading = not self.trainable_only_checkpoint
         self.backbone = Backbone(backbone, backbone_config, backbone_layers)
         self.model: nn.Module | None = None
-        self.data_info: dict[str, Any] | None = None
+        self.data_info: DataInfo | None = None
         self._loss_fn = None
 
     # ---------------------------------------------------------------- building
-    def _datamodule_info(self) -> Mapping[str, Any] | None:
+    def _datamodule_info(self) -> DataInfo | None:
         trainer = self._trainer
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        return getattr(dm, "data_info", None)
+        info = getattr(dm, "data_info", None)
+        return None if info is None else DataInfo.coerce(info)
 
-    def configure_task(self, info: Mapping[str, Any] | None = None) -> bool:
+    def configure_task(self, info: DataInfo | None = None) -> bool:
         """Give the task what the data says (labels...). Returns False while nothing is known yet."""
         info = info if info is not None else (self.data_info or self._datamodule_info())
         if info is None:
             return False
-        self.task.configure(info)
+        self.task.configure(DataInfo.coerce(info))
         return True
 
     def configure_model(self) -> None:
@@ -185,8 +187,9 @@ class TaskModule(L.LightningModule):
         if self.model is None and (info := self._datamodule_info()) is not None:
             self.build(info)
 
-    def build(self, info: Mapping[str, Any]) -> None:
-        self.data_info = dict(info)
+    def build(self, info: DataInfo | Mapping[str, Any]) -> None:
+        """Build the model for data described by `info` (a DataModule's `data_info`)."""
+        self.data_info = DataInfo.coerce(info)
         self.configure_task(self.data_info)
         model = self.task.build_model(self.backbone, self.data_info)
         model.train()  # from_pretrained returns eval mode; Lightning keeps the modes it finds
@@ -346,7 +349,7 @@ class TaskModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["identity"] = self.identity()
-        checkpoint["data_info"] = self.data_info
+        checkpoint["data_info"] = self.data_info.to_dict() if self.data_info is not None else None
         checkpoint["rng_states"] = rng_states()  # an exact resume also needs dropout's random stream
         if self.trainable_only_checkpoint:
             frozen = {f"model.{n}" for n, p in self._require_model().named_parameters() if not p.requires_grad}
@@ -356,6 +359,7 @@ class TaskModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("data_info")
+        saved = None if saved is None else DataInfo.coerce(saved)
         if self.model is None:
             if saved is None:
                 raise CheckpointError("The checkpoint holds no data_info (label names); it was not written by finetune-lab.")
@@ -365,9 +369,10 @@ class TaskModule(L.LightningModule):
         if problems:
             raise CheckpointError("The checkpoint does not fit this model: " + "; ".join(problems) + ". Use the "
                                   "configuration it was trained with, or a checkpoint of this model.")
-        if saved is not None and saved != self.data_info:
+        if saved is not None and saved.differences(self.data_info):
             raise CheckpointError(
-                f"The checkpoint was trained with data {saved}, but the current data gives {self.data_info}. "
+                f"The checkpoint was trained with data {saved}, but the current data gives {self.data_info} "
+                f"({'; '.join(saved.differences(self.data_info))}). "
                 "Use the same label set (e.g. pass data.label_names) or a matching checkpoint."
             )
         if "frozen_base" in checkpoint:

@@ -17,7 +17,12 @@ if TYPE_CHECKING:
 
 
 class Regime:
-    """Base of all regimes. Override only the hooks you need."""
+    """Base of all regimes. Override only the hooks you need.
+
+    A regime reaches the task only through the Task interface (`lightning_modules/task.py` lists what a
+    regime may ask of a task) and the data only through the DataModule's public loaders
+    (`eval_dataloader`, `encoded_fingerprint`).
+    """
 
     name: str | None = None  # used in run tags; defaults to the class name
     # True: checkpoints keep only trainable weights; the frozen base is rebuilt from its source on load
@@ -51,6 +56,11 @@ class Regime:
 
     def on_before_optimizer_step(self, module: "TaskModule", optimizer: Optimizer) -> None:
         """Called after gradients are ready and before each optimizer step."""
+
+    def teacher_model(self, module: "TaskModule") -> nn.Module | None:
+        """A frozen model the regime trains the student against (a distillation teacher), on the module's
+        device; reports compare the two. None for regimes without one."""
+        return None
 
     def tag(self) -> str:
         return self.name or type(self).__name__.lower()

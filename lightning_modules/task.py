@@ -1,19 +1,60 @@
 """The Task axis: *what* is predicted.
 
 A Task builds the HF model with its head, runs the forward pass, computes the loss, owns the metric
-definitions and decodes predictions. It never decides *how* the model is trained (that is a Regime).
+definitions and decodes predictions. It never decides *how* the model is trained (that is a Regime),
+and no member is named after a regime: a task says what it exposes, a regime decides what to do with it.
+
+Members a task must implement:
+    build_model(backbone, data_info) -> nn.Module     the HF model with the task's head
+    model_inputs(batch) -> dict                       the model's keyword arguments from a batch
+    loss(outputs, batch) -> Tensor                    the training loss (a mean)
+    metrics() -> MetricCollection                     a fresh collection (one per stage)
+    update_metrics(metrics, outputs, batch)           accumulate one evaluation batch
+    decode(outputs, batch) -> list[dict]              one JSON record per example (`finetune predict`)
+
+Optional members (a default here; override when the task differs):
+    configure(data_info)                              adopt the label set before build_model
+    forward(model, batch, inputs_embeds=None)         honours `inputs_embeds` (B, T, H) instead of input_ids
+    evaluate(model, batch, inputs_embeds=None)        what validation scores (generation tasks also generate)
+    on_eval_epoch_start(stage)                        "validate" / "test" / "predict"
+    loss_weight(batch) -> int                         terms the mean loss averages (rows; scored tokens)
+    per_example_loss(outputs, batch) -> (B,)          the loss of each example
+    scored_logits(outputs, batch) -> (rows, counts)   the logits of the scored positions: rows (N, C) and
+                                                      how many rows each example has, counts (B,)
+    exposes_hidden_states: bool                       outputs carry hidden_states / attentions over the inputs
+    save_pretrained_extras(folder)                    files the export needs beyond model and tokenizer
+    per_type_names() -> list[str]                     types scored one by one (`<stage>/f1_<type>`)
+    metric_signatures(metrics) -> dict[str, str]      reproducibility strings of the metrics (sacrebleu)
+    eval_samples() -> list[dict] | None               the latest validation's example outputs (generation)
+    tag() -> str                                      the task's name in run tags
+Attributes: `peft_task_type` ("SEQ_CLS", ...), `new_head` (the head is new and trains in full), `monitor`
+and `monitor_mode` (the metric checkpoints rank by).
+
+What a regime may ask of a task: everything above, plus `request_outputs(*names)` to have every forward
+return more (e.g. "hidden_states", "attentions"). A regime that needs an optional member the task lacks
+fails at build time with the task named (e.g. PGD's robustness attack needs `per_example_loss`).
+
+How the tasks to come fit the optional members (signatures checked against the current ones):
+- extractive QA (two heads): `scored_logits` -> rows `stack([start_logits, end_logits], 1).flatten(0, 1)`
+  (2B, T) with non-context positions at -inf, counts `2` per example; `per_example_loss` -> mean of the
+  start and end cross-entropies per example (B,); `loss_weight` -> B.
+- causal LM (vocabulary logits at supervised positions): `scored_logits` -> rows = the LM head applied
+  to the hidden states of the supervised positions (N, V), counts = supervised tokens per example (B,);
+  `per_example_loss` -> mean cross-entropy over each example's supervised tokens (B,); `loss_weight` ->
+  the number of supervised tokens.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from finetune_lab.data_info import DataInfo
 from lightning_modules.backbones import Backbone
 
-Batch = Mapping[str, Any]  # tensors, plus pass-through lists (e.g. raw text) for decoding
+Batch = dict[str, Any]  # tensors, plus pass-through lists (e.g. raw text) for decoding
 
 
 @dataclass
@@ -28,95 +69,43 @@ class StepOutput:
 # loss_fn(batch, inputs_embeds=None): `inputs_embeds` (B, T, H) replaces the embedding lookup (adversarial regimes)
 LossFn = Callable[..., StepOutput]
 
+OUTPUTS = ("hidden_states", "attentions")  # what `request_outputs` can ask a model's forward for
+
 
 class Task:
-    """Interface of a task. Subclasses implement every method that raises here.
+    """Interface of a task; see the module docstring for what to implement. Subclasses call
+    `super().__init__()`.
 
     Attributes:
         peft_task_type: the `peft.TaskType` name for this task ("SEQ_CLS", "TOKEN_CLS", ...).
+        new_head: True when `build_model` adds a randomly initialised head (trained in full next to a peft
+            adapter); False when the head is pretrained (a language-model head) and stays frozen with the backbone.
         monitor: metric name (without the `val/` prefix) that checkpoints and `*_best` track.
         monitor_mode: "max" or "min".
+        exposes_hidden_states: the model's outputs carry `hidden_states` / `attentions` over the input tokens
+            (False for encoder-decoders, whose decoder states are over the target).
     """
 
     peft_task_type: str | None = None
-    # True: build_model adds a new, randomly initialised head (trained in full next to a peft adapter);
-    # False: the head is pretrained (e.g. a language-model head) and stays frozen like the backbone.
     new_head: bool = True
     monitor: str = "loss"
     monitor_mode: str = "min"
+    exposes_hidden_states: bool = True
 
-    def build_model(self, backbone: Backbone, data_info: Mapping[str, Any]) -> nn.Module:
-        """Build the HF model with this task's head. `data_info` comes from the DataModule (labels...)."""
+    def __init__(self) -> None:
+        self.requested_outputs: set[str] = set()  # extra outputs of every forward, asked for by regimes
+
+    # ---------------------------------------------------------------- required
+    def build_model(self, backbone: Backbone, data_info: DataInfo) -> nn.Module:
+        """Build the HF model with this task's head from the data's label information."""
         raise NotImplementedError
-
-    def configure(self, data_info: Mapping[str, Any]) -> None:
-        """Adopt what the data says (label names, regression...); called before `build_model`."""
 
     def model_inputs(self, batch: Batch) -> dict[str, Tensor]:
         """The keyword arguments the model's forward takes from a batch."""
         raise NotImplementedError
 
-    def forward(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> Any:
-        """Run the model. With `inputs_embeds` (B, T, H) given, it replaces the `input_ids` lookup."""
-        inputs = self.model_inputs(batch)
-        if inputs_embeds is not None:
-            inputs.pop("input_ids", None)
-            inputs["inputs_embeds"] = inputs_embeds
-        return model(**inputs, **self.extra_outputs)
-
-    def on_eval_epoch_start(self, stage: str) -> None:
-        """Called as a validation ("validate"), test ("test") or predict ("predict") epoch starts."""
-
-    def evaluate(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> Any:
-        """What validation, test and predict score or decode: the forward pass here; generation tasks also
-        generate (their outputs carry the generated sequences)."""
-        return self.forward(model, batch, inputs_embeds=inputs_embeds)
-
-    @property
-    def extra_outputs(self) -> dict[str, bool]:
-        """Extra outputs every forward asks for, set by regimes (e.g. `output_hidden_states` for distillation)."""
-        if "_extra_outputs" not in self.__dict__:
-            self._extra_outputs = {}
-        return self._extra_outputs
-
     def loss(self, outputs: Any, batch: Batch) -> Tensor:
         raise NotImplementedError
-
-    def loss_weight(self, batch: Batch) -> int:
-        """How many terms the batch's mean `loss` averages: its rows by default. Evaluation weights each
-        batch's loss by it, so `val/loss` is the mean over the split whatever the batch size or number of
-        processes; token-level losses return the number of scored tokens."""
-        return int(batch["input_ids"].shape[0])
-
-    def per_type_names(self) -> list[str]:
-        """Types the task also scores one by one (entity types), logged as `<stage>/<score>_<type>` for
-        score in precision, recall, f1, support; `finetune test` tabulates them."""
-        return []
-
-    def tag(self) -> str:
-        """The task's name in run tags."""
-        return type(self).__name__.lower()
-
-    def example_losses(self, outputs: Any, batch: Batch) -> Tensor:
-        """The loss of each example of the batch (B,), e.g. for an attack that keeps each example's worst
-        perturbation. Token tasks average over each example's labelled tokens."""
-        raise NotImplementedError(f"{type(self).__name__} does not define per-example losses.")
-
-    def distillation_logits(self, outputs: Any, batch: Batch) -> Tensor:
-        """(N, C) logits of the N positions a teacher's soft labels apply to: one row per example for
-        sequence tasks, the labelled (non-padding, non-ignored) tokens for token tasks."""
-        raise NotImplementedError(f"{type(self).__name__} does not expose logits for distillation.")
-
-    # False where the model's outputs have no `hidden_states` / `attentions` over the input tokens
-    # (encoder-decoders): distillation then offers only the soft-label loss.
-    supports_feature_distillation: bool = True
-
-    def distillation_row_counts(self, batch: Batch) -> Tensor:
-        """How many rows of `distillation_logits` each example of the batch contributes (B,)."""
-        return batch["input_ids"].new_ones(batch["input_ids"].shape[0])
-
-    def save_pretrained_extras(self, folder: str) -> None:
-        """Write what the export needs beyond the model and its tokenizer (e.g. a target tokenizer)."""
 
     def metrics(self) -> MetricCollection:
         """A fresh collection of the task's metrics (one is made per stage)."""
@@ -128,3 +117,71 @@ class Task:
     def decode(self, outputs: Any, batch: Batch) -> list[dict[str, Any]]:
         """Turn model outputs into one JSON-serialisable record per example (for `finetune predict`)."""
         raise NotImplementedError
+
+    # ---------------------------------------------------------------- optional
+    def configure(self, data_info: DataInfo) -> None:
+        """Adopt what the data says (label names, regression...); called before `build_model`."""
+
+    def request_outputs(self, *names: str) -> None:
+        """Make every forward also return these outputs (`hidden_states`, `attentions`)."""
+        unknown = set(names) - set(OUTPUTS)
+        if unknown:
+            raise ValueError(f"request_outputs: unknown output(s) {sorted(unknown)}; choose from {list(OUTPUTS)}.")
+        self.requested_outputs.update(names)
+
+    def output_flags(self) -> dict[str, bool]:
+        """The `output_<name>=True` keyword arguments of the requested outputs."""
+        return {f"output_{name}": True for name in sorted(self.requested_outputs)}
+
+    def forward(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> Any:
+        """Run the model. With `inputs_embeds` (B, T, H) given, it replaces the `input_ids` lookup."""
+        inputs = self.model_inputs(batch)
+        if inputs_embeds is not None:
+            inputs.pop("input_ids", None)
+            inputs["inputs_embeds"] = inputs_embeds
+        return model(**inputs, **self.output_flags())
+
+    def on_eval_epoch_start(self, stage: str) -> None:
+        """Called as a validation ("validate"), test ("test") or predict ("predict") epoch starts."""
+
+    def evaluate(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> Any:
+        """What validation, test and predict score or decode: the forward pass here; generation tasks also
+        generate (their outputs carry the generated sequences)."""
+        return self.forward(model, batch, inputs_embeds=inputs_embeds)
+
+    def loss_weight(self, batch: Batch) -> int:
+        """How many terms the batch's mean `loss` averages: its rows by default. Evaluation weights each
+        batch's loss by it, so `val/loss` is the mean over the split whatever the batch size or number of
+        processes; token-level losses return the number of scored tokens."""
+        return int(batch["input_ids"].shape[0])
+
+    def per_example_loss(self, outputs: Any, batch: Batch) -> Tensor:
+        """The loss of each example of the batch (B,); token tasks average over each example's scored tokens."""
+        raise NotImplementedError(f"{type(self).__name__} does not define per-example losses.")
+
+    def scored_logits(self, outputs: Any, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The logits of the positions the task scores, as rows (N, C), and how many rows each example of
+        the batch contributes, (B,): one row per example for sequence tasks, the labelled (non-padding,
+        non-ignored) tokens for token tasks, the target tokens for seq2seq."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its scored logits.")
+
+    def save_pretrained_extras(self, folder: str) -> None:
+        """Write what the export needs beyond the model and its tokenizer (e.g. a target tokenizer)."""
+
+    def per_type_names(self) -> list[str]:
+        """Types the task also scores one by one (entity types), logged as `<stage>/<score>_<type>` for
+        score in precision, recall, f1, support; `finetune test` tabulates them."""
+        return []
+
+    def metric_signatures(self, metrics: MetricCollection) -> dict[str, str]:
+        """Reproducibility strings of the metrics (e.g. sacrebleu's signatures), name -> signature."""
+        return {}
+
+    def eval_samples(self) -> list[dict[str, str]] | None:
+        """The latest validation's first examples (e.g. source, reference, hypothesis) for people to read;
+        None for tasks that have none."""
+        return None
+
+    def tag(self) -> str:
+        """The task's name in run tags."""
+        return type(self).__name__.lower()

@@ -20,6 +20,7 @@ os.environ.pop("WANDB_API_KEY", None)
 
 import pytest  # noqa: E402
 
+from tests.cases import TaskData  # noqa: E402
 from tests.helpers import toy_sentiment_rows, write_jsonl, write_tiny_model  # noqa: E402
 
 
@@ -38,3 +39,15 @@ def toy_data(tmp_path_factory) -> dict:
         "validation": write_jsonl(str(d / "validation.jsonl"), toy_sentiment_rows(51, seed=1)),
         "test": write_jsonl(str(d / "test.jsonl"), toy_sentiment_rows(40, seed=2)),
     }
+
+
+@pytest.fixture(scope="session")
+def task_data(tmp_path_factory) -> TaskData:
+    """Tiny data and models for every registered task (`tests/cases.py`), written once per session."""
+    return TaskData.write(str(tmp_path_factory.mktemp("task_data")))
+
+
+@pytest.fixture(scope="session")
+def setup_data(task_data) -> tuple[str, dict, dict]:
+    """(the tiny BERT backbone, toy sentiment files, toy NER files) of `task_data`."""
+    return task_data.backbone, task_data.cls_files, task_data.ner_files

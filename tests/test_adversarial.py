@@ -9,34 +9,15 @@ import torch
 
 from callbacks import RobustnessEval
 from datamodules.noise import perturb_words
-from lightning_modules.regimes import FGM, PGD, FreeLB, Peft
+from lightning_modules.regimes import FGM, PGD, FreeLB
 from lightning_modules.regimes.adversarial import embed, perturbation_norms
-from tests.helpers import write_two_task_data
-from tests.utils import cli_config, make_trainer, run_cli, task_setup
-
-
-@pytest.fixture(scope="module")
-def setup_data(tmp_path_factory):
-    # no dropout: two forward passes of the same input give the same loss, so gradients compare exactly
-    return write_two_task_data(str(tmp_path_factory.mktemp("adv")), hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0)
-
-
-def _setup(setup_data, task_name, regimes):
-    return task_setup(setup_data, task_name, regimes)
+from tests.cases import build, padded_batch
+from tests.utils import cli_config, make_trainer, run_cli
 
 
 def _batches(dm, n):
     it = iter(dm.train_dataloader())
     return [next(it) for _ in range(n)]
-
-
-def _padded_batch(dm, n=8):
-    """The first n training rows collated as they come (length grouping would leave no padding)."""
-    rows = [dm._encoded["train"][i] for i in range(n)]
-    batch = dm._collator()(rows)
-    assert (batch["attention_mask"] == 0).any()
-    return batch
 
 
 def _grads(module):
@@ -53,10 +34,10 @@ def _grads(module):
     (lambda: PGD(eps=0.05, steps=3, norm="linf", random_start=True), ("linf", True, 0.05), False),
     (lambda: FreeLB(steps=3, adv_lr=0.3, init_mag=0.2, max_norm=0.4), ("l2", True, 0.4), False),
 ], ids=["fgm", "fgm-batch", "pgd-l2", "pgd-l2-batch-random", "pgd-linf-random", "freelb-maxnorm"])
-def test_perturbation_norm_and_padding(setup_data, task_name, regime_fn, bound, exact):
+def test_perturbation_norm_and_padding(task_data, task_name, regime_fn, bound, exact):
     regime = regime_fn()
-    module, dm = _setup(setup_data, task_name, [regime])
-    batch = _padded_batch(dm)
+    module, dm = build(task_data, task_name, [regime])
+    batch = padded_batch(dm)
     out = module._loss_fn(batch)
     assert torch.isfinite(out.loss) and {"loss_clean", "loss_adv", "adv_norm"} <= set(out.logs)
     delta, mask = regime.last_perturbation, batch["attention_mask"]
@@ -74,9 +55,9 @@ def test_perturbation_norm_and_padding(setup_data, task_name, regime_fn, bound, 
 @pytest.mark.parametrize("regime,factor", [(FGM(eps=0.0, alpha=0.5), 1.5), (PGD(eps=0.0, steps=2, alpha=2.0), 3.0),
                                            (FreeLB(steps=3, adv_lr=0.0, init_mag=0.0), 1.0)],
                          ids=["fgm", "pgd", "freelb"])
-def test_zero_eps_gradients_are_clean_gradients_scaled(setup_data, task_name, regime, factor):
-    module, dm = _setup(setup_data, task_name, [regime])
-    batch = _padded_batch(dm)
+def test_zero_eps_gradients_are_clean_gradients_scaled(task_data, task_name, regime, factor):
+    module, dm = build(task_data, task_name, [regime])
+    batch = padded_batch(dm)
     module.base_loss(batch).loss.backward()
     clean = _grads(module)
     module.zero_grad()
@@ -90,11 +71,11 @@ def test_zero_eps_gradients_are_clean_gradients_scaled(setup_data, task_name, re
     assert float(out.loss) == pytest.approx(factor * float(out.logs["loss_clean"]), rel=1e-5)
 
 
-def test_fgm_direction_matches_finite_differences(setup_data):
+def test_fgm_direction_matches_finite_differences(task_data):
     regime = FGM(eps=0.3)
-    module, dm = _setup(setup_data, "seq", [regime])
+    module, dm = build(task_data, "seq", [regime])
     module.double()
-    batch = _padded_batch(dm, 3)
+    batch = padded_batch(dm, 3)
     regime_loss = module._loss_fn(batch)
     assert torch.isfinite(regime_loss.loss)
     embeds = module.model.get_input_embeddings()(batch["input_ids"]).detach()
@@ -121,46 +102,33 @@ def test_fgm_direction_matches_finite_differences(setup_data):
 @pytest.mark.parametrize("regime", [FGM(eps=0.3), PGD(eps=0.3, steps=3), PGD(eps=0.01, steps=2, norm="linf"),
                                     FreeLB(steps=2, adv_lr=0.3, init_mag=0.0), FreeLB(steps=2, adv_lr=0.01, init_mag=0.0, norm="linf")],
                          ids=["fgm", "pgd", "pgd-linf", "freelb", "freelb-linf"])
-def test_perturbations_ascend_the_loss(setup_data, task_name, regime):
-    module, dm = _setup(setup_data, task_name, [regime])
-    out = module._loss_fn(_padded_batch(dm))
+def test_perturbations_ascend_the_loss(task_data, task_name, regime):
+    module, dm = build(task_data, task_name, [regime])
+    out = module._loss_fn(padded_batch(dm))
     # FreeLB's loss_adv is the mean over its steps, the first of which (init_mag 0) is the clean loss
     assert float(out.logs["loss_adv"]) > float(out.logs["loss_clean"])
 
 
 @pytest.mark.parametrize("regime_fn", [lambda: FGM(eps=0.5), lambda: FreeLB(steps=3)], ids=["fgm", "freelb"])
-def test_fp16_loss_scale_inside_the_regime_leaves_gradients_unchanged(setup_data, regime_fn, monkeypatch):
+def test_fp16_loss_scale_inside_the_regime_leaves_gradients_unchanged(task_data, regime_fn, monkeypatch):
     import lightning_modules.regimes.adversarial as adversarial
 
     grads = []
     for scale in (1.0, 1024.0):
         monkeypatch.setattr(adversarial, "grad_scale", lambda module: scale)
-        module, dm = _setup(setup_data, "seq", [regime_fn()])
+        module, dm = build(task_data, "seq", [regime_fn()])
         torch.manual_seed(0)  # FreeLB's random start
-        module._loss_fn(_padded_batch(dm)).loss.backward()
+        module._loss_fn(padded_batch(dm)).loss.backward()
         grads.append(_grads(module))
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
 # ---------------------------------------------------------------- composition with PEFT, precision, accumulation
-@pytest.mark.parametrize("task_name", ["seq", "token"])
-def test_fgm_with_lora_moves_only_adapter_and_head(setup_data, task_name):
-    lora = Peft("LORA", {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]})
-    module, dm = _setup(setup_data, task_name, [FGM(eps=1.0), lora])
-    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    trainer = make_trainer(".", max_epochs=1, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=dm)
-    moved = {n for n, p in module.model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert moved and all("lora_" in n or "modules_to_save" in n for n in moved), sorted(moved)
-    assert any("lora_" in n for n in moved) and any("modules_to_save" in n for n in moved)
-    assert float(trainer.callback_metrics["train/adv_norm"]) == pytest.approx(1.0, abs=1e-4)
-
-
 @pytest.mark.parametrize("regime_fn", [lambda: FGM(eps=1.0), lambda: PGD(eps=1.0, steps=2), lambda: FreeLB(steps=2)],
                          ids=["fgm", "pgd", "freelb"])
-def test_bf16_mixed_precision(setup_data, regime_fn):
-    module, dm = _setup(setup_data, "seq", [regime_fn()])
+def test_bf16_mixed_precision(task_data, regime_fn):
+    module, dm = build(task_data, "seq", [regime_fn()])
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer = make_trainer(".", max_epochs=1, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0,
                            precision="bf16-mixed")
@@ -175,8 +143,8 @@ class GradRecorder(L.Callback):
 
 
 @pytest.mark.parametrize("regime_fn", [lambda: FGM(eps=1.0), lambda: PGD(eps=1.0, steps=2)], ids=["fgm", "pgd"])
-def test_gradient_accumulation_sums_the_regime_gradients(setup_data, regime_fn):
-    module, dm = _setup(setup_data, "seq", [regime_fn()])
+def test_gradient_accumulation_sums_the_regime_gradients(task_data, regime_fn):
+    module, dm = build(task_data, "seq", [regime_fn()])
     batches = _batches(dm, 2)
     for b in batches:  # what two accumulated batches must give: the mean of the two regime gradients
         (module._loss_fn(b).loss / 2).backward()
@@ -191,8 +159,8 @@ def test_gradient_accumulation_sums_the_regime_gradients(setup_data, regime_fn):
         torch.testing.assert_close(recorder.grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_two_adversarial_regimes_refuse_to_stack(setup_data):
-    module, dm = _setup(setup_data, "seq", [FGM(), PGD()])
+def test_two_adversarial_regimes_refuse_to_stack(task_data):
+    module, dm = build(task_data, "seq", [FGM(), PGD()])
     with pytest.raises(ValueError, match="another regime already perturbs the embeddings"):
         module._loss_fn(_batches(dm, 1)[0])
     with pytest.raises(ValueError, match="norm must be 'l2' or 'linf'"):
@@ -236,8 +204,8 @@ def test_fgm_under_two_process_ddp_with_robustness_eval(tiny_backbone, toy_data,
 
 # ---------------------------------------------------------------- robustness evaluation
 @pytest.mark.parametrize("task_name", ["seq", "token"])
-def test_attack_and_word_noise_lower_an_undefended_model(setup_data, task_name):
-    module, dm = _setup(setup_data, task_name, [])
+def test_attack_and_word_noise_lower_an_undefended_model(task_data, task_name):
+    module, dm = build(task_data, task_name, [])
     trainer = make_trainer(".", max_epochs=12, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
     robust = RobustnessEval(attack_eps=[3.0], word_noise=[0.6], attack_steps=5)
@@ -258,8 +226,8 @@ def test_attack_and_word_noise_lower_an_undefended_model(setup_data, task_name):
 
 
 @pytest.mark.parametrize("task_name", ["seq", "token"])
-def test_evaluation_attack_keeps_each_examples_worst_iterate_within_eps(setup_data, task_name):
-    module, dm = _setup(setup_data, task_name, [])
+def test_evaluation_attack_keeps_each_examples_worst_iterate_within_eps(task_data, task_name):
+    module, dm = build(task_data, task_name, [])
     module.eval()
     batch = next(iter(dm.val_dataloader()))
     robust = RobustnessEval(attack_eps=[2.0], attack_steps=4, attack_step_size=2.0)  # big steps: iterates overshoot
@@ -270,14 +238,14 @@ def test_evaluation_attack_keeps_each_examples_worst_iterate_within_eps(setup_da
     task, model = module.task, module.model
     with torch.no_grad():
         embeds = embed(module, batch)
-        clean = task.example_losses(task.forward(model, batch, inputs_embeds=embeds), batch)
-        attacked = task.example_losses(task.forward(model, batch, inputs_embeds=embeds + delta), batch)
+        clean = task.per_example_loss(task.forward(model, batch, inputs_embeds=embeds), batch)
+        attacked = task.per_example_loss(task.forward(model, batch, inputs_embeds=embeds + delta), batch)
     assert (attacked >= clean - 1e-5).all() and (attacked > clean + 1e-4).any()
     if task_name == "seq":  # one row per example: the mean of the example losses is the batch loss
         assert float(clean.mean()) == pytest.approx(float(module.base_loss(batch).loss), rel=1e-4)
 
 
-def test_word_noise_is_seeded_keeps_word_counts_and_hits_the_fraction(setup_data):
+def test_word_noise_is_seeded_keeps_word_counts_and_hits_the_fraction(task_data):
     rng = random.Random(0)
     words = ["alpha", "beta", "x", "gamma", "delta", ",", "epsilon", "zeta", "eta", "theta"]
     noisy = perturb_words(words, 0.25, rng)
@@ -286,7 +254,7 @@ def test_word_noise_is_seeded_keeps_word_counts_and_hits_the_fraction(setup_data
     assert len(changed) == 2 and all(len(words[i]) >= 2 for i in changed)  # 25 % of the 8 editable words
     assert all(abs(len(noisy[i]) - len(words[i])) <= 1 for i in changed)  # one swap or deletion each
     assert perturb_words(words, 0.25, random.Random(0)) == noisy
-    module, dm = _setup(setup_data, "token", [])
+    module, dm = build(task_data, "token", [])
     first = [b["input_ids"].tolist() for b in dm.noisy_dataloader("validation", 0.5, seed=3)]
     second = [b["input_ids"].tolist() for b in dm.noisy_dataloader("validation", 0.5, seed=3)]
     clean = [b["input_ids"].tolist() for b in dm.val_dataloader()]

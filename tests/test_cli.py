@@ -322,6 +322,18 @@ class FailAt(__import__("lightning").Callback):
             raise RuntimeError("failing on purpose")
 
 
+def test_wandb_tags_are_the_regime_tags(tmp_path):
+    exp = os.path.join(ROOT, "experiments")
+    tags = {}
+    for name in ("lora", "adalora", "fgm"):
+        cli = build_cli(["-c", f"{exp}/quickstart.yaml", "-c", f"{exp}/regimes/{name}.yaml", "--run_root", str(tmp_path / "runs")],
+                        run=False)
+        (logger,) = [lg for lg in cli.trainer.loggers if type(lg).__name__ == "FinetuneWandbLogger"]
+        tags[name] = logger.tags
+    assert tags == {"lora": ["sequenceclassification", "lora"], "adalora": ["sequenceclassification", "adalora"],
+                    "fgm": ["sequenceclassification", "fgm"]}
+
+
 # ---------------------------------------------------------------- W&B without a network
 def test_wandb_mode_is_honoured_before_the_api_key(monkeypatch):
     from finetune_lab.loggers import wandb_mode

@@ -19,8 +19,8 @@ def test_string_labels_map_in_sorted_order_and_reach_the_model(tiny_backbone, tm
     files = {"train": write_jsonl(str(tmp_path / "t.jsonl"), rows), "validation": write_jsonl(str(tmp_path / "v.jsonl"), rows[:2])}
     dm = make_dm(tiny_backbone, files)
     dm.setup("fit")
-    assert dm.data_info["label_names"] == ["apple", "mango", "zebra"]
-    assert dm._encoded["train"]["labels"] == [2, 0, 1, 0]
+    assert dm.data_info.label_names == ["apple", "mango", "zebra"]
+    assert dm.encoded("train")["labels"] == [2, 0, 1, 0]
     module = TaskModule(SequenceClassification(), backbone=tiny_backbone)
     module.build(dm.data_info)
     assert module.model.config.id2label == {0: "apple", 1: "mango", 2: "zebra"}
@@ -32,7 +32,7 @@ def test_tsv_int_labels_with_names_and_pairs(tiny_backbone, tmp_path):
              "validation": write_tsv(str(tmp_path / "v.tsv"), rows[:9], ["text", "text2", "label"])}
     dm = make_dm(tiny_backbone, files, text_pair_column="text2", label_names=["neg", "pos"])
     dm.setup("fit")
-    assert dm.data_info["label_names"] == ["neg", "pos"]
+    assert dm.data_info.label_names == ["neg", "pos"]
     batch = next(iter(dm.val_dataloader()))
     assert set(batch) >= {"input_ids", "attention_mask", "token_type_ids", "labels"}
     assert (batch["token_type_ids"] == 1).any()  # the second segment is marked
@@ -44,8 +44,8 @@ def test_missing_validation_is_carved_from_train_with_a_seed(tiny_backbone, tmp_
     files = {"train": write_jsonl(str(tmp_path / "t.jsonl"), toy_sentiment_rows(100, 0))}
     a, b = make_dm(tiny_backbone, files), make_dm(tiny_backbone, files)
     a.setup("fit"), b.setup("fit")
-    assert len(a._encoded["validation"]) == 10 and len(a._encoded["train"]) == 90
-    assert a._encoded["validation"]["input_ids"] == b._encoded["validation"]["input_ids"]
+    assert len(a.encoded("validation")) == 10 and len(a.encoded("train")) == 90
+    assert a.encoded("validation")["input_ids"] == b.encoded("validation")["input_ids"]
 
 
 @pytest.mark.parametrize("backbone", ["tiny", "minilm"])
@@ -53,16 +53,16 @@ def test_tokenization_is_cached_across_runs(backbone, tiny_backbone, tmp_path):
     tiny_backbone = tiny_backbone if backbone == "tiny" else "minilm"  # MiniLM's tokenizer ships truncation state
     files = {"train": write_jsonl(str(tmp_path / "t.jsonl"), toy_sentiment_rows(64, 7)),
              "validation": write_jsonl(str(tmp_path / "v.jsonl"), toy_sentiment_rows(16, 8))}
-    before = tc.ENCODE_CALLS
-    make_dm(tiny_backbone, files).setup("fit")
-    assert tc.ENCODE_CALLS > before  # first run tokenizes
-    before = tc.ENCODE_CALLS
+    first = make_dm(tiny_backbone, files)
+    first.setup("fit")
+    assert first.encode_calls > 0  # first run tokenizes
     dm = make_dm(tiny_backbone, files)
     dm.setup("fit")
-    assert tc.ENCODE_CALLS == before  # second run: loaded from the datasets cache
-    assert len(dm._encoded["train"]) == 64
-    make_dm(tiny_backbone, files, max_length=8).setup("fit")
-    assert tc.ENCODE_CALLS > before  # another max_length is another tokenization
+    assert dm.encode_calls == 0  # second run: loaded from the datasets cache
+    assert len(dm.encoded("train")) == 64
+    other = make_dm(tiny_backbone, files, max_length=8)
+    other.setup("fit")
+    assert other.encode_calls > 0  # another max_length is another tokenization
 
 
 def test_truncation_is_counted_and_reported(tiny_backbone, tmp_path, caplog):
@@ -74,8 +74,8 @@ def test_truncation_is_counted_and_reported(tiny_backbone, tmp_path, caplog):
         dm.setup("fit")
     assert dm.truncated == {"train": 1, "validation": 1}
     assert sum("longer than max_length=16" in r.message for r in caplog.records) == 2  # once per split
-    assert max(dm._encoded["train"]["length"]) == 16
-    assert dm._encoded["train"][3]["num_tokens"] == 42
+    assert max(dm.encoded("train")["length"]) == 16
+    assert dm.encoded("train")[3]["num_tokens"] == 42
 
 
 def test_length_grouped_sampler_covers_every_row_once_per_epoch_and_groups_lengths():
@@ -218,8 +218,8 @@ def test_classlabel_names_reordered_by_label_names(tiny_backbone, tmp_path):
     files = {"train": str(tmp_path / "t.parquet"), "validation": str(tmp_path / "t.parquet")}
     dm = make_dm(tiny_backbone, files, label_names=["positive", "negative"])
     dm.setup("fit")
-    assert dm.data_info["label_names"] == ["positive", "negative"]
-    assert dm._encoded["train"]["labels"] == [1 - int(r["label"] == "positive") for r in rows]
+    assert dm.data_info.label_names == ["positive", "negative"]
+    assert dm.encoded("train")["labels"] == [1 - int(r["label"] == "positive") for r in rows]
     with pytest.raises(DataError, match="are not the dataset's class names"):
         make_dm(tiny_backbone, files, label_names=["pos", "neg"]).setup("fit")
 
@@ -240,7 +240,7 @@ def test_validate_without_train_split_needs_label_names(tiny_backbone, toy_data)
         dm.setup("validate")
     dm = make_dm(tiny_backbone, {"validation": toy_data["validation"]}, label_names=["negative", "positive"])
     dm.setup("validate")
-    assert len(dm._encoded["validation"]) == 51
+    assert len(dm.encoded("validation")) == 51
 
 
 def test_error_max_length_beyond_the_model():
@@ -264,7 +264,7 @@ def test_local_data_files_never_fetch_the_hub_dataset(tiny_backbone, toy_data, t
                  "test": write_conll(str(tmp_path / "te.conll"), toy_ner_sentences(10, 1))}
         dm = TokenClassificationDataModule(tokenizer=tiny_backbone, dataset="conll2003", data_files=files)
     dm.setup("fit")
-    assert len(dm._encoded["validation"]) > 0  # carved from train
+    assert len(dm.encoded("validation")) > 0  # carved from train
 
 
 def test_integer_labels_without_names_get_a_hint(tiny_backbone, tmp_path):
@@ -278,4 +278,4 @@ def test_integer_labels_without_names_get_a_hint(tiny_backbone, tmp_path):
         warnings.simplefilter("error")
         dm = make_dm(tiny_backbone, files, label_names=[f"c{i}" for i in range(6)])
         dm.setup("fit")
-    assert dm.data_info["label_names"] == [f"c{i}" for i in range(6)]
+    assert dm.data_info.label_names == [f"c{i}" for i in range(6)]

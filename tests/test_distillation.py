@@ -5,42 +5,25 @@ import pytest
 import torch
 
 from lightning_modules import TaskModule
-from lightning_modules.regimes import PGD, Distillation, Peft
+from lightning_modules.regimes import PGD, Distillation
 from lightning_modules.regimes.distillation import soft_label_loss, uniform_layer_map
 from lightning_modules.tasks import SequenceClassification
-from tests.helpers import write_tiny_model, write_two_task_data
-from tests.utils import make_trainer, task_setup
+from tests.cases import build, padded_batch, save_model
+from tests.helpers import write_tiny_model
+from tests.utils import make_trainer
 
 
 @pytest.fixture(scope="module")
-def setup_data(tmp_path_factory):
-    return write_two_task_data(str(tmp_path_factory.mktemp("kd")), hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0)
-
-
-@pytest.fixture(scope="module")
-def saved_models(setup_data, tmp_path_factory):
+def saved_models(task_data, tmp_path_factory):
     """A task model (backbone + trained-shape head) saved per task, usable as teacher and as student."""
-    out = {}
-    for task_name in ("seq", "token"):
-        module, dm = task_setup(setup_data, task_name, [])
-        folder = str(tmp_path_factory.mktemp(f"teacher_{task_name}"))
-        module.model.save_pretrained(folder)
-        dm.tokenizer.save_pretrained(folder)
-        out[task_name] = folder
-    return out
+    return {name: save_model(task_data, name, str(tmp_path_factory.mktemp(f"teacher_{name}"))) for name in ("seq", "token")}
 
 
-def _student(setup_data, task_name, folder, regimes):
-    backbone, cls_files, ner_files = setup_data
-    module, dm = task_setup((folder, cls_files, ner_files), task_name, regimes)
+def _student(task_data, task_name, folder, regimes):
+    module, dm = build(task_data, task_name, regimes, backbone=folder)
     for regime in regimes:
         regime.on_fit_start(module)
     return module, dm
-
-
-def _padded_batch(dm, n=8):
-    return dm._collator()([dm._encoded["train"][i] for i in range(n)])
 
 
 def test_soft_label_loss_matches_hand_computation():
@@ -54,11 +37,11 @@ def test_soft_label_loss_matches_hand_computation():
 
 
 @pytest.mark.parametrize("task_name", ["seq", "token"])
-def test_losses_vanish_when_student_equals_teacher_and_alpha_mixes(setup_data, saved_models, task_name):
+def test_losses_vanish_when_student_equals_teacher_and_alpha_mixes(task_data, saved_models, task_name):
     folder = saved_models[task_name]
     regime = Distillation(teacher=folder, alpha=0.3, temperature=2.0, hidden_weight=1.0, attention_weight=1.0)
-    module, dm = _student(setup_data, task_name, folder, [regime])
-    batch = _padded_batch(dm)
+    module, dm = _student(task_data, task_name, folder, [regime])
+    batch = padded_batch(dm)
     out = module._loss_fn(batch)
     for key in ("loss_soft", "loss_hidden", "loss_attention"):
         assert float(out.logs[key]) == pytest.approx(0.0, abs=1e-6), key
@@ -72,27 +55,28 @@ def test_losses_vanish_when_student_equals_teacher_and_alpha_mixes(setup_data, s
     assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_token_soft_labels_ignore_unlabelled_and_padding_positions(setup_data, saved_models):
+def test_token_soft_labels_ignore_unlabelled_and_padding_positions(task_data, saved_models):
     folder = saved_models["token"]
     regime = Distillation(teacher=folder, alpha=1.0)
-    module, dm = _student(setup_data, "token", folder, [regime])
-    batch = _padded_batch(dm)
+    module, dm = _student(task_data, "token", folder, [regime])
+    batch = padded_batch(dm)
     ignored = batch["labels"] == -100
     assert ignored.any() and (batch["attention_mask"] == 0).any()
     outputs = module.task.forward(module.model, batch)
-    rows = module.task.distillation_logits(outputs, batch)
+    rows, counts = module.task.scored_logits(outputs, batch)
+    assert counts.tolist() == (~ignored).sum(1).tolist()
     assert rows.shape[0] == int((~ignored).sum())
     outputs.logits[ignored] += 100.0  # whatever the model says at ignored positions ...
-    assert torch.equal(module.task.distillation_logits(outputs, batch), rows)  # ... is not distilled
+    assert torch.equal(module.task.scored_logits(outputs, batch)[0], rows)  # ... is not distilled
 
 
-def test_teacher_gets_no_gradient_and_stays_out_of_the_checkpoint(setup_data, saved_models, tmp_path):
+def test_teacher_gets_no_gradient_and_stays_out_of_the_checkpoint(task_data, saved_models, tmp_path):
     folder = saved_models["seq"]
     from transformers import AutoConfig
 
     student_cfg = {"model_type": "bert", "vocab_size": AutoConfig.from_pretrained(folder).vocab_size, "hidden_size": 16,
                    "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 128}
-    backbone, cls_files, _ = setup_data
+    cls_files = task_data.cls_files
     from datamodules import TextClassificationDataModule
 
     dm = TextClassificationDataModule(tokenizer=folder, data_files=cls_files, batch_size=8)
@@ -135,10 +119,10 @@ def test_layer_subset_student_has_the_chosen_teacher_layers(tmp_path):
         Backbone(teacher, layers=[0, 4]).from_pretrained(AutoModel)
 
 
-def test_composes_with_pgd_one_teacher_pass_per_batch(setup_data, saved_models, tmp_path):
+def test_composes_with_pgd_one_teacher_pass_per_batch(task_data, saved_models, tmp_path):
     folder = saved_models["seq"]
     regime = Distillation(teacher=folder, alpha=0.5)
-    module, dm = task_setup((folder, *setup_data[1:]), "seq", [PGD(eps=0.5, steps=2), regime])
+    module, dm = build(task_data, "seq", backbone=folder, regimes=[PGD(eps=0.5, steps=2), regime])
     trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
     assert regime.teacher_calls == 3  # PGD evaluates the loss 3 times a step; the teacher runs once
@@ -147,41 +131,27 @@ def test_composes_with_pgd_one_teacher_pass_per_batch(setup_data, saved_models, 
     assert all(math.isfinite(float(logs[k])) for k in ("train/loss_soft", "train/loss_adv"))
 
 
-@pytest.mark.parametrize("task_name", ["seq", "token"])
-def test_lora_student_moves_only_adapter_and_head(setup_data, saved_models, task_name, tmp_path):
-    folder = saved_models[task_name]
-    lora = Peft("LORA", {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]})
-    regime = Distillation(teacher=folder, alpha=0.7, hidden_weight=0.5)
-    module, dm = task_setup((folder, *setup_data[1:]), task_name, [regime, lora])
-    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=dm)
-    moved = {n for n, p in module.model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert moved and all("lora_" in n or "modules_to_save" in n for n in moved), sorted(moved)
-    assert float(trainer.callback_metrics["train/loss_hidden"]) > 0
-
-
-def test_errors(setup_data, saved_models):
+def test_errors(task_data, saved_models):
     with pytest.raises(ValueError, match="alpha must be in"):
         Distillation(teacher="minilm", alpha=1.5)
     with pytest.raises(FileNotFoundError, match="teacher checkpoint"):
-        _student(setup_data, "seq", saved_models["seq"], [Distillation(teacher="/nonexistent/teacher.ckpt")])
+        _student(task_data, "seq", saved_models["seq"], [Distillation(teacher="/nonexistent/teacher.ckpt")])
     with pytest.raises(ValueError, match="layer_map needs one teacher layer"):
-        _student(setup_data, "seq", saved_models["seq"], [Distillation(teacher=saved_models["seq"], layer_map=[1, 5])])
+        _student(task_data, "seq", saved_models["seq"], [Distillation(teacher=saved_models["seq"], layer_map=[1, 5])])
 
 
 @pytest.mark.parametrize("task_name", ["seq", "token"])
-def test_teacher_cache_skips_the_teacher_and_trains_the_same(setup_data, saved_models, task_name, tmp_path):
+def test_teacher_cache_skips_the_teacher_and_trains_the_same(task_data, saved_models, task_name, tmp_path):
     folder = saved_models[task_name]
     runs = {}
     for run in ("live", "first", "second"):
         regime = Distillation(teacher=folder, alpha=0.8, cache_teacher=run != "live", cache_dir=str(tmp_path / "cache"))
-        module, dm = task_setup((folder, *setup_data[1:]), task_name, [regime])
+        module, dm = build(task_data, task_name, backbone=folder, regimes=[regime])
         trainer = make_trainer(tmp_path, max_epochs=2, limit_val_batches=1, num_sanity_val_steps=0)
         trainer.fit(module, datamodule=dm)
         with torch.no_grad():  # the trained student's predictions (key biases, whose gradient is 0 up to
             # rounding, move by Adam's noise and cannot be compared; the outputs they do not affect can)
-            logits = module.task.forward(module.model.eval(), _padded_batch(dm)).logits
+            logits = module.task.forward(module.model.eval(), padded_batch(dm)).logits
         runs[run] = (regime.teacher_calls, logits)
     steps = 2 * len(dm.train_dataloader())
     assert runs["live"][0] == steps  # one teacher pass per step without the cache
@@ -229,14 +199,14 @@ def test_distilled_student_beats_the_same_student_without_teacher(tmp_path):
     assert accuracy["distilled"] > accuracy["plain"] + 0.1, accuracy
 
 
-def test_report_puts_the_student_next_to_its_teacher(setup_data, saved_models, tmp_path):
+def test_report_puts_the_student_next_to_its_teacher(task_data, saved_models, tmp_path):
     import json
 
     from callbacks import DistillationReport
     from datamodules import TextClassificationDataModule
 
     folder = saved_models["seq"]
-    _, cls_files, _ = setup_data
+    cls_files = task_data.cls_files
     dm = TextClassificationDataModule(tokenizer=folder, data_files={**cls_files, "test": cls_files["validation"]}, batch_size=4)
     student = TaskModule(SequenceClassification(), backbone=folder, backbone_layers=[1],
                          regimes=[Distillation(teacher=folder, alpha=0.5)], lr=1e-2)
@@ -255,11 +225,11 @@ def test_report_puts_the_student_next_to_its_teacher(setup_data, saved_models, t
         assert json.load(f)["speedup"] == pytest.approx(r["speedup"])
 
 
-def test_hidden_and_attention_losses_ignore_padding(setup_data, saved_models):
+def test_hidden_and_attention_losses_ignore_padding(task_data, saved_models):
     folder = saved_models["seq"]
     regime = Distillation(teacher=folder, alpha=0.0, hidden_weight=1.0, attention_weight=1.0)
-    module, dm = _student(setup_data, "seq", folder, [regime])
-    batch = _padded_batch(dm)
+    module, dm = _student(task_data, "seq", folder, [regime])
+    batch = padded_batch(dm)
     mask = batch["attention_mask"].bool()
     student = module.task.forward(module.model, batch)
     teacher = module.task.forward(regime.teacher, batch)

@@ -11,18 +11,17 @@ import sacrebleu
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from callbacks import HFExport
 from datamodules import Seq2SeqDataModule
 from datamodules.loading import DataError
 from datamodules.tokenizer_training import train_tokenizer
 from lightning_modules import TaskModule
-from lightning_modules.regimes import FGM, PGD, Distillation, Peft
+from lightning_modules.regimes import Distillation
 from lightning_modules.regimes.adversarial import embed
 from lightning_modules.tasks import Seq2Seq
 from lightning_modules.tasks.generation_metrics import CorpusBLEU, CorpusChrF, MeanRouge
-from tests.helpers import read_wandb_records, tiny_marian_config, toy_translation_rows, write_jsonl, write_translation_data
+from tests.helpers import read_wandb_records, tiny_marian_config, toy_translation_rows, write_jsonl
 from tests.utils import ROOT, make_trainer, run_cli
 
 WORDS = "a man in a blue shirt is standing on a ladder cleaning window two dogs run the park Größe straße".split()
@@ -43,8 +42,8 @@ def _corpus(n: int, seed: int) -> tuple[list[str], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def mt(tmp_path_factory):
-    return write_translation_data(str(tmp_path_factory.mktemp("mt")))
+def mt(task_data):
+    return task_data.translation
 
 
 def _dm(mt, **kw) -> Seq2SeqDataModule:
@@ -63,7 +62,7 @@ def _setup(mt, regimes=(), backbone=None, config=True, **task_kw):
 
 
 def _batch(dm, n=8, split="train"):
-    return dm._collator()([dm._encoded[split][i] for i in range(n)])
+    return dm.collator()([dm.encoded(split)[i] for i in range(n)])
 
 
 # ---------------------------------------------------------------- metrics
@@ -209,13 +208,13 @@ def test_truncation_is_counted_and_direction_prefix_and_nested_columns(mt, tmp_p
                            source_column="de", target_column="en", source_prefix="translate: ", max_source_length=8,
                            max_target_length=6)
     dm.setup("fit")
-    row = dm._encoded["train"][0]
+    row = dm.encoded("train")[0]
     assert row["source_text"] == rows[0]["translation"]["de"] and row["target_text"] == rows[0]["translation"]["en"]
     full_src = [len(dm.tokenizer("translate: " + r["translation"]["de"])["input_ids"]) for r in rows]
     full_tgt = [len(dm.tokenizer(r["translation"]["en"])["input_ids"]) for r in rows]
     assert dm.truncated["train"] == {"source": sum(n > 8 for n in full_src), "target": sum(n > 6 for n in full_tgt)}
     assert dm.truncated["train"]["source"] > 0
-    enc = dm._encoded["train"]
+    enc = dm.encoded("train")
     assert max(len(x) for x in enc["input_ids"]) == 8 and max(len(x) for x in enc["labels"]) == 6
     assert all(x[-1] == dm.tokenizer.eos_token_id for x in enc["labels"])  # truncation keeps </s>
     assert dm.tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True).strip().startswith("transl")  # prefix first
@@ -240,7 +239,7 @@ def test_loss_ignores_label_padding(mt):
         loss = module.base_loss(batch).loss
         total, tokens = 0.0, 0
         for i in range(6):  # each example alone (no padding at all), token-weighted
-            one = dm._collator()([dm._encoded["train"][i]])
+            one = dm.collator()([dm.encoded("train")[i]])
             n = int((one["labels"] != -100).sum())
             total += float(module.base_loss(one).loss) * n
             tokens += n
@@ -287,31 +286,6 @@ def test_adversarial_embeddings_are_scaled_like_the_model_scales_input_ids(mt):
     assert float(via_embeds) == pytest.approx(float(plain), rel=1e-5)
 
 
-@pytest.mark.parametrize("regimes", [
-    lambda t: [FGM(eps=1.0)],
-    lambda t: [PGD(eps=0.5, steps=2)],
-    lambda t: [Peft("LORA", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})],
-    lambda t: [Peft("PREFIX_TUNING", {"num_virtual_tokens": 4})],
-    lambda t: [Distillation(teacher=t, alpha=0.5, temperature=2.0)],
-    lambda t: [PGD(eps=0.5, steps=2), Distillation(teacher=t, alpha=0.5, temperature=2.0)],
-    lambda t: [FGM(eps=1.0), Peft("LORA", {"r": 4, "target_modules": ["q_proj", "v_proj"]})],
-], ids=["fgm", "pgd", "lora", "prefix_tuning", "distill", "pgd+distill", "fgm+lora"])
-def test_regimes_train_and_generate_on_seq2seq(mt, tmp_path, regimes):
-    teacher, _ = _setup(mt)
-    teacher.model.save_pretrained(str(tmp_path / "teacher"))
-    teacher.task.tokenizer.save_pretrained(str(tmp_path / "teacher"))
-    module, dm = _setup(mt, regimes(str(tmp_path / "teacher")))
-    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1)
-    trainer.fit(module, datamodule=dm)
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert 0 <= float(trainer.callback_metrics["val/bleu"]) <= 100
-    changed = {n for n, p in module.model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert changed
-    if isinstance(module.regimes[-1], Peft):  # only the adapter (or prefix) moves; the LM head stays pretrained
-        assert all("lora_" in n or "prompt_encoder" in n for n in changed), sorted(changed)[:5]
-
-
 def test_word_level_distillation_is_zero_for_the_teacher_itself_and_counts_target_tokens(mt, tmp_path):
     teacher, dm = _setup(mt)
     teacher.model.save_pretrained(str(tmp_path / "t"))
@@ -323,8 +297,8 @@ def test_word_level_distillation_is_zero_for_the_teacher_itself_and_counts_targe
     batch = _batch(dm)
     out = module._loss_fn(batch)
     assert float(out.logs["loss_soft"]) == pytest.approx(0.0, abs=1e-6)
-    rows = module.task.distillation_logits(out.outputs, batch)
-    assert rows.shape[0] == int((batch["labels"] != -100).sum()) == int(module.task.distillation_row_counts(batch).sum())
+    rows, counts = module.task.scored_logits(out.outputs, batch)
+    assert rows.shape[0] == int((batch["labels"] != -100).sum()) == int(counts.sum())
     with pytest.raises(ValueError, match="soft-label loss only"):
         _setup(mt, [Distillation(teacher=str(tmp_path / "t"), hidden_weight=1.0)])
 

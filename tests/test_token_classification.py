@@ -131,7 +131,7 @@ def test_truncated_words_are_counted_and_scored_as_missed(ner_backbone, tmp_path
     task.configure(dm.data_info)
     metric = task.metrics()
     batch = next(iter(dm.val_dataloader()))
-    perfect = torch.nn.functional.one_hot(batch["labels"].clamp(min=0), len(dm.data_info["label_names"])).float() * 9
+    perfect = torch.nn.functional.one_hot(batch["labels"].clamp(min=0), len(dm.data_info.label_names)).float() * 9
     task.update_metrics(metric, TokenClassifierOutput(logits=perfect), batch)
     scores = {k: float(v) for k, v in metric.compute().items()}
     assert scores["recall"] == pytest.approx(12 / 21)  # 4 of 7 entities per sentence are in the input
@@ -169,7 +169,7 @@ def test_validation_tag_unseen_in_training_names_file_and_line(ner_backbone, ner
 def test_tag_set_order_is_stable(ner_backbone, ner_files):
     dm = tokc.TokenClassificationDataModule(tokenizer=ner_backbone, data_files=ner_files)
     dm.setup("fit")
-    assert dm.data_info["label_names"] == ["O", "B-LOC", "B-PER", "I-PER"]
+    assert dm.data_info.label_names == ["O", "B-LOC", "B-PER", "I-PER"]
 
 
 # ---------------------------------------------------------------- learning, test report, predict, export
@@ -260,8 +260,8 @@ def test_dataset_with_classlabel_tags_and_jsonl_predict(ner_backbone, tmp_path):
     dm = tokc.TokenClassificationDataModule(tokenizer=ner_backbone, data_files={"train": str(tmp_path / "t.parquet")},
                                             predict_file=str(tmp_path / "p.jsonl"))
     dm.setup("fit")
-    assert dm.data_info["label_names"] == names  # ClassLabel order, not sorted
-    first = dm._raw["train"][0]
+    assert dm.data_info.label_names == names  # ClassLabel order, not sorted
+    first = dm.raw_split("train")[0]
     assert first["tags"] in ([t for _, t in sents[i:i + 1]][0] for i in range(30))
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))

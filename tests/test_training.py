@@ -79,7 +79,7 @@ def test_regression_learns_from_float_labels(tiny_backbone, tmp_path):
     module = make_module(tiny_backbone)
     trainer = make_trainer(tmp_path, max_epochs=15, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
-    assert dm.data_info["problem_type"] == "regression"
+    assert dm.data_info.problem_type == "regression"
     assert module.model.config.num_labels == 1
     assert float(trainer.callback_metrics["val/pearson"]) > 0.9
     assert "val/pearson_best" in trainer.callback_metrics

@@ -25,26 +25,6 @@ def make_module(backbone: str, regimes=None, **kw) -> TaskModule:
     return TaskModule(task=SequenceClassification(), backbone=backbone, regimes=regimes or [], **kw)
 
 
-def task_setup(setup_data, task_name: str, regimes, batch_size: int = 8, lr: float = 1e-2):
-    """(module built from the data, its DataModule set up for fit) for "seq" (toy sentiment) or "token"
-    (toy NER); `setup_data` is `helpers.write_two_task_data`'s result."""
-    from datamodules import TokenClassificationDataModule
-    from lightning_modules.tasks import TokenClassification
-
-    backbone, cls_files, ner_files = setup_data
-    if task_name == "seq":
-        dm = TextClassificationDataModule(tokenizer=backbone, data_files=cls_files, batch_size=batch_size)
-        task = SequenceClassification()
-    else:
-        dm = TokenClassificationDataModule(tokenizer=backbone, data_files=ner_files, batch_size=batch_size)
-        task = TokenClassification()
-    L.seed_everything(0)
-    module = TaskModule(task, backbone=backbone, regimes=regimes, lr=lr)
-    dm.setup("fit")
-    module.build(dm.data_info)
-    return module, dm
-
-
 def make_trainer(tmp_path, **kw) -> L.Trainer:
     kw.setdefault("max_epochs", 1)
     return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_modules.backbones import Backbone, resolve_backbone
+from finetune_lab.data_info import DataInfo
+from finetune_lab.hub import resolve_backbone
+from lightning_modules.backbones import Backbone
 from lightning_modules.regime import Regime
 from lightning_modules.task import Batch, LossFn, StepOutput, Task
 
@@ -25,9 +27,10 @@ if TYPE_CHECKING:
 CACHE_VERSION = 1  # part of the soft-label cache key: bump when what is cached changes
 
 
-def load_teacher(source: str, task: Task, data_info: Mapping[str, Any]) -> nn.Module:
+def load_teacher(source: str, task: Task, data_info: DataInfo) -> nn.Module:
     """A frozen teacher in eval mode from a `finetune` checkpoint (.ckpt, full or adapter-only), an
     export folder (a saved model, or a peft adapter folder), or a backbone name/folder."""
+    data_info = DataInfo.coerce(data_info)
     if source.endswith(".ckpt"):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"Distillation: teacher checkpoint '{source}' does not exist.")
@@ -36,9 +39,9 @@ def load_teacher(source: str, task: Task, data_info: Mapping[str, Any]) -> nn.Mo
         ckpt_hparams = torch.load(source, map_location="cpu", weights_only=True).get("hyper_parameters", {})
         extra = {} if isinstance(ckpt_hparams.get("task"), dict) else {"task": type(task)()}
         loaded = TaskModule.load_from_checkpoint(source, map_location="cpu", **extra)
-        if loaded.data_info != dict(data_info):
+        if loaded.data_info.differences(data_info):
             raise ValueError(f"Distillation: the teacher checkpoint was trained with labels {loaded.data_info}, "
-                             f"the student's data has {dict(data_info)}.")
+                             f"the student's data has {data_info}.")
         teacher = loaded.model
     else:
         path = resolve_backbone(source)
@@ -50,7 +53,7 @@ def load_teacher(source: str, task: Task, data_info: Mapping[str, Any]) -> nn.Mo
             teacher = PeftModel.from_pretrained(task.build_model(Backbone(base), data_info), path)
         else:
             config_path = os.path.join(path, "config.json")
-            labels = data_info.get("label_names")
+            labels = data_info.label_names
             if labels and os.path.isfile(config_path):
                 with open(config_path) as f:
                     saved = json.load(f).get("id2label", {})
@@ -133,14 +136,14 @@ class Distillation(Regime):
     # ---------------------------------------------------------------- building
     def configure_model(self, model: nn.Module, task: Task) -> nn.Module:
         self.task = task
-        if (self.hidden_weight or self.attention_weight) and not task.supports_feature_distillation:
+        if (self.hidden_weight or self.attention_weight) and not task.exposes_hidden_states:
             raise ValueError(f"Distillation: {type(task).__name__} supports the soft-label loss only (word-level KD "
                              "over the target tokens); set hidden_weight and attention_weight to 0.")
         if self.hidden_weight:
-            task.extra_outputs["output_hidden_states"] = True
+            task.request_outputs("hidden_states")
         if self.attention_weight:
             model.set_attn_implementation("eager")  # fused attention kernels return no probabilities
-            task.extra_outputs["output_attentions"] = True
+            task.request_outputs("attentions")
         return model
 
     def _teacher_config(self):
@@ -174,6 +177,9 @@ class Distillation(Regime):
         if self.cache_teacher:
             self._cache = self._soft_label_cache(module)
 
+    def teacher_model(self, module: "TaskModule") -> nn.Module:
+        return self.ensure_teacher(module)
+
     def ensure_teacher(self, module: "TaskModule") -> nn.Module:
         """Load the teacher (once), check it against the student and move it to the student's device."""
         if self.teacher is None:
@@ -196,22 +202,22 @@ class Distillation(Regime):
         """Training-row index -> the teacher's distillation logits for that row, from disk or computed now."""
         from datasets import config as datasets_config
         from datasets.fingerprint import Hasher
-        from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
 
-        from datamodules.sampling import EvalSampler
-        from lightning_modules.module import frozen_fingerprint
+        from lightning_modules.parameters import frozen_fingerprint
 
         dm = module.trainer.datamodule
-        train = dm._encoded["train"]
-        key = Hasher.hash([frozen_fingerprint(self.teacher), train._fingerprint, type(self.task).__name__, CACHE_VERSION])
+        if not hasattr(dm, "eval_dataloader"):
+            raise ValueError("Distillation: cache_teacher needs a finetune-lab DataModule (eval_dataloader, "
+                             "encoded_fingerprint) to read the whole training split; set cache_teacher: false.")
+        key = Hasher.hash([frozen_fingerprint(self.teacher), dm.encoded_fingerprint("train"), type(self.task).__name__,
+                           CACHE_VERSION])
         root = self.cache_dir or os.path.join(datasets_config.HF_DATASETS_CACHE, "finetune-lab", "teacher-logits")
         self.cache_path = os.path.join(root, f"{key}.pt")
         if os.path.isfile(self.cache_path):
             stored = torch.load(self.cache_path, map_location="cpu", weights_only=True)
         else:
-            loader = DataLoader(train, batch_size=dm.hparams.eval_batch_size or 2 * dm.hparams.batch_size,
-                                sampler=EvalSampler(train["length"]), collate_fn=dm._collator())
+            loader = dm.eval_dataloader("train", all_rows=True)  # every row, also under DDP
             indices, counts, rows = [], [], []
             rank0 = module.trainer.is_global_zero
             for batch in tqdm(loader, desc="Caching the teacher's soft labels", disable=not rank0):
@@ -219,8 +225,9 @@ class Distillation(Regime):
                 with torch.no_grad():
                     outputs = module.task.forward(self.teacher, batch)
                 self.teacher_calls += 1
-                rows.append(self.task.distillation_logits(outputs, batch).cpu())
-                counts.append(self.task.distillation_row_counts(batch).cpu())
+                scored, per_example = self.task.scored_logits(outputs, batch)
+                rows.append(scored.cpu())
+                counts.append(per_example.cpu())
                 indices.append(batch["index"].cpu())
             stored = {"index": torch.cat(indices), "counts": torch.cat(counts), "logits": torch.cat(rows)}
             if rank0:
@@ -250,8 +257,8 @@ class Distillation(Regime):
             logs["loss_hard"] = out.loss.detach()
             loss = out.loss
             if self.alpha:
-                student_rows = task.distillation_logits(out.outputs, batch)
-                teacher_rows = task.distillation_logits(teacher, batch) if teacher is not None else \
+                student_rows, _ = task.scored_logits(out.outputs, batch)
+                teacher_rows = task.scored_logits(teacher, batch)[0] if teacher is not None else \
                     torch.cat([self._cache[i] for i in batch["index"].tolist()]).to(student_rows.device)
                 soft = soft_label_loss(student_rows, teacher_rows, self.temperature)
                 loss = (1 - self.alpha) * loss + self.alpha * soft

@@ -10,12 +10,58 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from lightning_modules.backbones import BackboneError, encoder_layers
-from lightning_modules.parameters import head_module_names
+from lightning_modules.parameters import decay_groups, head_module_names, no_decay_parameter_names
 from lightning_modules.regime import Regime
 from lightning_modules.task import Task
 
 if TYPE_CHECKING:
     from lightning_modules.module import TaskModule
+
+
+class _MethodHooks:
+    """What a peft method needs from the training loop beyond `get_peft_model` (nothing, for most)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def peft_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return kwargs
+
+    def on_fit_start(self, module: "TaskModule") -> None:
+        pass
+
+    def on_before_optimizer_step(self, module: "TaskModule") -> None:
+        pass
+
+
+class _AdaLoraHooks(_MethodHooks):
+    """AdaLoRA's rank allocator: its schedule spans the run's optimizer steps, and it reads the gradients
+    at every step (peft leaves calling it to the training loop)."""
+
+    def peft_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if kwargs.get("total_step") is None:
+            # placeholder that passes peft's checks; the trainer's real step count is set at fit start
+            kwargs["total_step"] = kwargs.get("tinit", 0) + kwargs.get("tfinal", 0) + 1_000_000
+        return kwargs
+
+    def on_fit_start(self, module: "TaskModule") -> None:
+        cfg = module.model.peft_config["default"]
+        if self.config.get("total_step") is None:
+            cfg.total_step = int(module.trainer.estimated_stepping_batches)
+        if cfg.tinit + cfg.tfinal >= cfg.total_step:
+            raise ValueError(f"Peft(ADALORA): tinit ({cfg.tinit}) + tfinal ({cfg.tfinal}) must be below the "
+                             f"number of optimizer steps ({cfg.total_step}) to leave a budgeting phase.")
+        # peft computes the budget schedule from these at every update_and_allocate
+        module.model.base_model.rankallocator.peft_config = cfg
+
+    def on_before_optimizer_step(self, module: "TaskModule") -> None:
+        # the rank allocator reads the gradients: after backward, before the step zeroes them
+        module.model.base_model.update_and_allocate(module.global_step)
+        budget = module.model.base_model.rankallocator.budget_schedule(module.global_step)[0]
+        module.log("train/adalora_budget", float(budget), on_step=True, on_epoch=False)
+
+
+_METHOD_HOOKS: dict[str, type[_MethodHooks]] = {"ADALORA": _AdaLoraHooks}
 
 
 class Peft(Regime):
@@ -53,6 +99,7 @@ class Peft(Regime):
                 raise ValueError(f"Peft: set '{reserved}' through the regime's arguments, not in config.")
         self.modules_to_save = modules_to_save
         self.name = self.peft_type.lower()
+        self._hooks = _METHOD_HOOKS.get(self.peft_type, _MethodHooks)(self.config)
 
     def tag(self) -> str:
         return self.name
@@ -68,9 +115,7 @@ class Peft(Regime):
         fields = {f.name for f in dataclasses.fields(self.config_cls)}
         if "modules_to_save" in fields:
             kwargs["modules_to_save"] = heads or None
-        if self.peft_type == "ADALORA" and kwargs.get("total_step") is None:
-            # placeholder that passes peft's checks; the trainer's real step count is set at fit start
-            kwargs["total_step"] = kwargs.get("tinit", 0) + kwargs.get("tfinal", 0) + 1_000_000
+        kwargs = self._hooks.peft_kwargs(kwargs)
         try:
             cfg = self.config_cls(task_type=task.peft_task_type, **kwargs)
             peft_model = get_peft_model(model, cfg)
@@ -84,29 +129,18 @@ class Peft(Regime):
         return peft_model
 
     def on_fit_start(self, module: "TaskModule") -> None:
-        if self.peft_type == "ADALORA":
-            cfg = module.model.peft_config["default"]
-            if self.config.get("total_step") is None:
-                cfg.total_step = int(module.trainer.estimated_stepping_batches)
-            if cfg.tinit + cfg.tfinal >= cfg.total_step:
-                raise ValueError(f"Peft(ADALORA): tinit ({cfg.tinit}) + tfinal ({cfg.tfinal}) must be below the "
-                                 f"number of optimizer steps ({cfg.total_step}) to leave a budgeting phase.")
-            # peft computes the budget schedule from these at every update_and_allocate
-            module.model.base_model.rankallocator.peft_config = cfg
+        self._hooks.on_fit_start(module)
 
     def on_before_optimizer_step(self, module: "TaskModule", optimizer) -> None:
-        if self.peft_type == "ADALORA":
-            # the rank allocator reads the gradients: after backward, before the step zeroes them
-            module.model.base_model.update_and_allocate(module.global_step)
-            budget = module.model.base_model.rankallocator.budget_schedule(module.global_step)[0]
-            module.log("train/adalora_budget", float(budget), on_step=True, on_epoch=False)
+        self._hooks.on_before_optimizer_step(module)
 
 
 class BitFit(Regime):
-    """Train only the bias terms (Ben Zaken et al. 2022), plus the task head unless `train_head=False`.
+    """Train only the bias terms (Ben Zaken et al. 2022), plus the task's new head unless `train_head=False`.
 
     Args:
-        train_head: keep the task head (e.g. `classifier`) fully trainable.
+        train_head: keep a new task head (e.g. `classifier`) fully trainable; a pretrained head (seq2seq's
+            language-model head) stays frozen either way.
     """
 
     name = "bitfit"
@@ -116,7 +150,8 @@ class BitFit(Regime):
         self.train_head = train_head
 
     def configure_model(self, model: nn.Module, task: Task) -> nn.Module:
-        heads = head_module_names(model) if self.train_head else []
+        # a pretrained head (a language model's, often tied to the embeddings) stays frozen with the base
+        heads = head_module_names(model) if self.train_head and task.new_head else []
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith("bias") or name.split(".", 1)[0] in heads)
         return model
@@ -166,8 +201,9 @@ class Freeze(Regime):
         # parameters without gradients, so they only move once unfrozen.
         if not self.unfreeze_every_epochs:
             return []
-        params = [p for block in self._frozen for p in block.parameters()]
-        return [{"params": params, "weight_decay": module.hparams.weight_decay}]
+        named = [(f"{i}.{n}", p) for i, block in enumerate(self._frozen) for n, p in block.named_parameters()]
+        no_decay = {f"{i}.{n}" for i, block in enumerate(self._frozen) for n in no_decay_parameter_names(block)}
+        return decay_groups(named, no_decay, module.hparams.weight_decay)  # biases and norms: no decay, as everywhere
 
     def on_train_epoch_start(self, module: "TaskModule") -> None:
         every = self.unfreeze_every_epochs

@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from lightning_modules.backbones import Backbone, BackboneError, load_tokenizer
+from finetune_lab.data_info import DataInfo
+from finetune_lab.hub import BackboneError, load_tokenizer
+from lightning_modules.backbones import Backbone
 from lightning_modules.task import Batch, Task
 from lightning_modules.tasks.generation_metrics import CorpusBLEU, CorpusChrF, MeanRouge, TokenNLL
-from lightning_modules.tasks.token_classification import token_example_losses
+from lightning_modules.tasks.token_classification import per_example_token_loss
 
 METRICS = {"translation": ("bleu", "chrf"), "summarization": ("rouge1", "rouge2", "rougeL")}
 
@@ -59,7 +61,7 @@ class Seq2Seq(Task):
     """
 
     peft_task_type = "SEQ_2_SEQ_LM"
-    supports_feature_distillation = False
+    exposes_hidden_states = False  # the decoder's states are over the target, not the input
     new_head = False  # the language-model head is part of the pretrained model (tied to the embeddings)
     monitor_mode = "max"
 
@@ -67,6 +69,7 @@ class Seq2Seq(Task):
                  num_beams: int = 1, val_num_beams: int | None = None, max_new_tokens: int | None = None,
                  max_length_a: float = 1.5, max_length_b: int = 10, length_penalty: float = 1.0,
                  no_repeat_ngram_size: int = 0, num_samples: int = 5, monitor: str | None = None) -> None:
+        super().__init__()
         if kind not in METRICS:
             raise ValueError(f"task.kind must be one of {sorted(METRICS)}, got '{kind}'.")
         if not 0 <= label_smoothing < 1:
@@ -93,11 +96,11 @@ class Seq2Seq(Task):
             self.samples = []
 
     # ---------------------------------------------------------------- model
-    def build_model(self, backbone: Backbone, data_info: Mapping[str, Any]) -> nn.Module:
+    def build_model(self, backbone: Backbone, data_info: DataInfo) -> nn.Module:
         from transformers import AutoModelForSeq2SeqLM
 
         self.tokenizer = tok = backbone.tokenizer()
-        separate = data_info.get("target_tokenizer")
+        separate = DataInfo.coerce(data_info).target_tokenizer
         self.target_tokenizer = target = load_tokenizer(separate) if separate else tok
         overrides: dict[str, Any] = {}
         if backbone.config is not None:  # from scratch: sizes and special ids come from the tokenizer(s)
@@ -123,11 +126,6 @@ class Seq2Seq(Task):
                 raise BackboneError(f"The {name} tokenizer has {len(t)} tokens but the model's embedding only "
                                     f"{emb.weight.shape[0]}; use the tokenizer the model was trained with, or set the "
                                     "vocabulary size in model.backbone_config.")
-        limit = getattr(model.config, "max_position_embeddings", None)
-        longest = max(data_info.get("max_source_length", 0), data_info.get("max_target_length", 0))
-        if limit and longest > limit and getattr(model.config, "model_type", "") != "t5":
-            raise BackboneError(f"data.max_source_length / max_target_length ({longest}) exceed the model's "
-                                f"max_position_embeddings ({limit}); lower them or raise it in model.backbone_config.")
         return model
 
     @staticmethod
@@ -154,7 +152,7 @@ class Seq2Seq(Task):
         inputs = self.encoder_inputs(model, batch, inputs_embeds)
         cfg = model.config
         inputs["decoder_input_ids"] = shift_right(batch["labels"], cfg.decoder_start_token_id, cfg.pad_token_id)
-        return model(**inputs, **self.extra_outputs)
+        return model(**inputs, **self.output_flags())
 
     def generation_kwargs(self, source_length: int) -> dict[str, Any]:
         beams = self.val_num_beams if self.stage == "validate" and self.val_num_beams is not None else self.num_beams
@@ -183,14 +181,12 @@ class Seq2Seq(Task):
     def loss_weight(self, batch: Batch) -> int:
         return int((batch["labels"] != -100).sum())  # the loss is a mean over the target tokens
 
-    def example_losses(self, outputs: Any, batch: Batch) -> Tensor:
-        return token_example_losses(outputs.logits.float(), batch["labels"], self.label_smoothing)
+    def per_example_loss(self, outputs: Any, batch: Batch) -> Tensor:
+        return per_example_token_loss(outputs.logits.float(), batch["labels"], self.label_smoothing)
 
-    def distillation_logits(self, outputs: Any, batch: Batch) -> Tensor:
-        return outputs.logits[batch["labels"] != -100].float()  # (target tokens, vocab): word-level KD
-
-    def distillation_row_counts(self, batch: Batch) -> Tensor:
-        return (batch["labels"] != -100).sum(1)
+    def scored_logits(self, outputs: Any, batch: Batch) -> tuple[Tensor, Tensor]:
+        target = batch["labels"] != -100
+        return outputs.logits[target].float(), target.sum(1)  # (target tokens, vocab), per example
 
     # ---------------------------------------------------------------- metrics
     def metrics(self) -> MetricCollection:
@@ -225,7 +221,10 @@ class Seq2Seq(Task):
                 if len(self.samples) < self.num_samples:
                     self.samples.append({"source": src, "reference": ref, "hypothesis": hyp})
 
-    def signatures(self, metrics: MetricCollection) -> dict[str, str]:
+    def eval_samples(self) -> list[dict[str, str]]:
+        return self.samples
+
+    def metric_signatures(self, metrics: MetricCollection) -> dict[str, str]:
         """sacrebleu signatures of the collection's metrics (name -> signature)."""
         return {name.rsplit("/", 1)[-1]: m.signature() for name, m in metrics.items(keep_base=True, copy_state=False)
                 if hasattr(m, "signature")}

@@ -1,13 +1,15 @@
 """Sequence classification: single sentences or GLUE-style pairs, any number of labels, or regression."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanSquaredError, MetricCollection, PearsonCorrCoef, SpearmanCorrCoef
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassMatthewsCorrCoef
 
+from finetune_lab.data_info import DataInfo
 from lightning_modules.backbones import Backbone
 from lightning_modules.task import Batch, Task
 
@@ -28,15 +30,17 @@ class SequenceClassification(Task):
     peft_task_type = "SEQ_CLS"
 
     def __init__(self, monitor: str | None = None) -> None:
+        super().__init__()
         self._monitor = monitor
         self.label_names: list[str] = []
         self.regression = False
         self.monitor = monitor or "accuracy"
         self.monitor_mode = "max"
 
-    def configure(self, data_info: Mapping[str, Any]) -> None:
-        self.regression = data_info.get("problem_type") == "regression"
-        self.label_names = list(data_info.get("label_names") or [])
+    def configure(self, data_info: DataInfo) -> None:
+        data_info = DataInfo.coerce(data_info)
+        self.regression = data_info.problem_type == "regression"
+        self.label_names = list(data_info.label_names)
         if not self.regression and len(self.label_names) < 2:
             raise ValueError(f"Classification needs at least 2 labels, the data has {self.label_names}.")
         allowed = {"loss", "mse", "pearson", "spearman"} if self.regression else {"loss", "accuracy", "f1_macro", "mcc"}
@@ -45,7 +49,7 @@ class SequenceClassification(Task):
             raise ValueError(f"task.monitor='{self.monitor}' is not logged for this task; choose one of {sorted(allowed)}.")
         self.monitor_mode = "min" if self.monitor in ("loss", "mse") else "max"
 
-    def build_model(self, backbone: Backbone, data_info: Mapping[str, Any]) -> nn.Module:
+    def build_model(self, backbone: Backbone, data_info: DataInfo) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 
         if self.regression:
@@ -68,14 +72,15 @@ class SequenceClassification(Task):
             return F.mse_loss(logits.squeeze(-1), batch["labels"].float())
         return F.cross_entropy(logits, batch["labels"])
 
-    def example_losses(self, outputs: Any, batch: Batch) -> Tensor:
+    def per_example_loss(self, outputs: Any, batch: Batch) -> Tensor:
         logits = outputs.logits.float()
         if self.regression:
             return F.mse_loss(logits.squeeze(-1), batch["labels"].float(), reduction="none")
         return F.cross_entropy(logits, batch["labels"], reduction="none")
 
-    def distillation_logits(self, outputs: Any, batch: Batch) -> Tensor:
-        return outputs.logits.float()  # (B, num_labels); (B, 1) for regression
+    def scored_logits(self, outputs: Any, batch: Batch) -> tuple[Tensor, Tensor]:
+        logits = outputs.logits.float()  # (B, num_labels); (B, 1) for regression
+        return logits, logits.new_ones(logits.shape[0], dtype=torch.long)
 
     def metrics(self) -> MetricCollection:
         if self.regression:

@@ -9,12 +9,13 @@ predicted as "O", so its entities count as missed and the score never looks bett
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from finetune_lab.data_info import DataInfo
 from lightning_modules.backbones import Backbone
 from lightning_modules.task import Batch, Task
 from lightning_modules.tasks.entity_metrics import EntityScores, entity_types, extract_entities
@@ -22,7 +23,7 @@ from lightning_modules.tasks.entity_metrics import EntityScores, entity_types, e
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def token_example_losses(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+def per_example_token_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Mean cross-entropy over each example's labelled tokens (labels != -100): (B,)."""
     per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none",
                                 label_smoothing=label_smoothing).view(labels.shape)
@@ -32,22 +33,26 @@ def token_example_losses(logits: Tensor, labels: Tensor, label_smoothing: float 
 class TokenClassification(Task):
     """Tag every word with a BIO-style tag (IOB2, IOB1 or BIOES).
 
+    The tagging scheme is the data's (`data.scheme`, which the DataModule checks every tag against); it
+    reaches the task through `DataInfo.scheme` and is used by `mode="strict"`.
+
     Args:
-        scheme: the tagging scheme of the data; used by `mode="strict"` and to validate tags.
         mode: entity extraction as seqeval's default mode ("default") or `mode="strict"`.
         monitor: metric tracked by checkpoints and `val/<monitor>_best` (default `f1`).
     """
 
     peft_task_type = "TOKEN_CLS"
 
-    def __init__(self, scheme: Literal["IOB2", "IOB1", "BIOES"] = "IOB2",
-                 mode: Literal["default", "strict"] = "default", monitor: str = "f1") -> None:
-        self.scheme, self.mode = scheme, mode
+    def __init__(self, mode: Literal["default", "strict"] = "default", monitor: str = "f1") -> None:
+        super().__init__()
+        self.scheme, self.mode = "IOB2", mode
         self.monitor, self.monitor_mode = monitor, ("min" if monitor == "loss" else "max")
         self.label_names: list[str] = []
 
-    def configure(self, data_info: Mapping[str, Any]) -> None:
-        self.label_names = list(data_info["label_names"])
+    def configure(self, data_info: DataInfo) -> None:
+        data_info = DataInfo.coerce(data_info)
+        self.scheme = data_info.scheme or "IOB2"
+        self.label_names = list(data_info.label_names)
         if "O" not in self.label_names:
             raise ValueError(f"The tag set has no 'O' tag: {self.label_names}")
         self.outside = self.label_names.index("O")
@@ -56,7 +61,7 @@ class TokenClassification(Task):
         if self.monitor not in allowed:
             raise ValueError(f"task.monitor='{self.monitor}' is not logged for this task; choose one of {sorted(allowed)}.")
 
-    def build_model(self, backbone: Backbone, data_info: Mapping[str, Any]) -> nn.Module:
+    def build_model(self, backbone: Backbone, data_info: DataInfo) -> nn.Module:
         from transformers import AutoModelForTokenClassification
 
         return backbone.from_pretrained(
@@ -84,15 +89,13 @@ class TokenClassification(Task):
     def per_type_names(self) -> list[str]:
         return entity_types(self.label_names)
 
-    def example_losses(self, outputs: Any, batch: Batch) -> Tensor:
-        return token_example_losses(self.token_logits(outputs, batch).float(), batch["labels"])
+    def per_example_loss(self, outputs: Any, batch: Batch) -> Tensor:
+        return per_example_token_loss(self.token_logits(outputs, batch).float(), batch["labels"])
 
-    def distillation_logits(self, outputs: Any, batch: Batch) -> Tensor:
+    def scored_logits(self, outputs: Any, batch: Batch) -> tuple[Tensor, Tensor]:
         logits = self.token_logits(outputs, batch).float()
-        return logits[batch["labels"] != -100]  # (labelled tokens, num_tags)
-
-    def distillation_row_counts(self, batch: Batch) -> Tensor:
-        return (batch["labels"] != -100).sum(1)
+        labelled = batch["labels"] != -100
+        return logits[labelled], labelled.sum(1)  # (labelled tokens, num_tags), per sentence
 
     def metrics(self) -> MetricCollection:
         return MetricCollection({"entity": EntityScores(self.label_names, self.mode, self.scheme)})
