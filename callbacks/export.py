@@ -24,25 +24,33 @@ def replace_folder(tmp: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+_AUTO_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+                 "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "CAUSAL_LM": "AutoModelForCausalLM",
+                 "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
+
+
 def load_adapter_export(folder: str, **kwargs):
-    """The model of an adapter export (`export/` of a peft run), with its head: the peft class is the one
-    for the adapter's task type, and the label count and names come from `labels.json` (peft builds the
-    base from its name, which knows no labels). kwargs go to `from_pretrained` (e.g. `is_trainable=True`)."""
-    import peft
+    """The model of an adapter export (`export/` of a peft run), with its head, offline too: the base named
+    in `adapter_config.json` is resolved like `model.backbone` (so `sentence-transformers/all-MiniLM-L6-v2`
+    is the copy the `minilm` package ships), built with the label count and names of `labels.json` (which
+    the base's own config lacks), and the adapter is loaded onto it. kwargs go to `PeftModel.from_pretrained`
+    (e.g. `is_trainable=True`)."""
+    import transformers
+    from peft import PeftModel
+
+    from finetune_lab.hub import resolve_backbone
 
     with open(os.path.join(folder, "adapter_config.json")) as f:
-        task_type = json.load(f).get("task_type")
-    classes = {"SEQ_CLS": "AutoPeftModelForSequenceClassification", "TOKEN_CLS": "AutoPeftModelForTokenClassification",
-               "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM", "CAUSAL_LM": "AutoPeftModelForCausalLM",
-               "QUESTION_ANS": "AutoPeftModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoPeftModelForFeatureExtraction"}
-    auto = getattr(peft, classes.get(task_type, "AutoPeftModel"))
+        adapter = json.load(f)
+    labels = {}
     labels_path = os.path.join(folder, LABEL_FILE)
     if os.path.isfile(labels_path):
         with open(labels_path) as f:
             labels = json.load(f)
         labels["id2label"] = {int(i): name for i, name in labels["id2label"].items()}  # JSON keys are strings
-        kwargs = {**labels, **kwargs}
-    return auto.from_pretrained(folder, **kwargs)
+    auto = getattr(transformers, _AUTO_CLASSES.get(adapter.get("task_type"), "AutoModel"))
+    base = auto.from_pretrained(resolve_backbone(adapter["base_model_name_or_path"]), **labels)
+    return PeftModel.from_pretrained(base, folder, **kwargs)
 
 
 class HFExport(L.Callback):
@@ -54,8 +62,8 @@ class HFExport(L.Callback):
     With a `peft` model the export is the adapter in peft's own format, recorded against the base's
     portable name (`minilm` as `sentence-transformers/all-MiniLM-L6-v2`), with the head's label count
     and names in `labels.json`: peft rebuilds the base from that name, whose config knows no labels, so
-    `load_adapter_export(export)` (or peft's `AutoPeftModelFor<Task>.from_pretrained(export,
-    num_labels=N)`) loads it. `pipeline` does not load adapters: with `merged: true` the export also holds
+    `load_adapter_export(export)` loads it (offline too), or, where the hub is reachable, peft's
+    `AutoPeftModelFor<Task>.from_pretrained(export, num_labels=N)`. `pipeline` does not load adapters: with `merged: true` the export also holds
     `<dirpath>/merged`, the adapter merged into the base (`merge_and_unload`), a plain transformers
     model, for the methods that can merge (LoRA, IA3, ...).
 

@@ -30,7 +30,6 @@ Optional hooks (no-ops or plain defaults here):
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Callable
@@ -47,23 +46,12 @@ from datamodules.loading import DataError, check_columns, column_values, load_hu
 from datamodules.noise import NOISE_VERSION, example_rng
 from datamodules.sampling import EvalSampler, LengthGroupedSampler, ResumableDataLoader
 from finetune_lab.data_info import DataInfo
-from finetune_lab.hub import load_tokenizer
+from finetune_lab.hub import load_tokenizer, tokenizer_fingerprint
+
+__all__ = ["TaskDataModule", "carve_validation", "tokenizer_fingerprint"]
 
 SPLITS = ("train", "validation", "test")
 NEEDED = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"], "predict": []}
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of what the tokenizer does. Its truncation/padding state is left out: every call changes
-    it, which would make the same tokenizer hash differently before and after its first use."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        content = json.loads(backend.to_str())
-        content.pop("truncation", None)
-        content.pop("padding", None)
-    else:
-        content = [sorted(tokenizer.get_vocab().items()), sorted(map(str, tokenizer.init_kwargs.items()))]
-    return Hasher.hash([type(tokenizer).__name__, content])
 
 
 def carve_validation(splits: dict[str, Dataset], hp, on_train: Callable[[Dataset], None], unit: str = "rows") -> None:
@@ -102,7 +90,7 @@ class TaskDataModule(L.LightningDataModule):
     predict_formats = "a .txt with one input per line, or csv/tsv/jsonl"
     ENCODE_VERSION = 1  # bump when an encoder changes, to invalidate cached tokenizations
 
-    def __init__(self, tokenizer: str, dataset: str | None = None, dataset_config: str | None = None,
+    def __init__(self, tokenizer: str = "minilm", dataset: str | None = None, dataset_config: str | None = None,
                  data_files: dict[str, str] | None = None, batch_size: int = 32, eval_batch_size: int | None = None,
                  group_by_length: bool = True, length_group_batches: int = 64, validation_fraction: float = 0.1,
                  seed: int = 42, max_train_samples: int | None = None, predict_file: str | None = None,

@@ -122,6 +122,7 @@ class Seq2SeqDataModule(TaskDataModule):
     def __init__(self, source_column: str = "source", target_column: str = "target", translation_column: str | None = None,
                  source_prefix: str = "", max_source_length: int = 128, max_target_length: int = 128, strip: bool = True,
                  target_tokenizer: str | None = None, train_tokenizer: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("tokenizer", "t5-small")  # a seq2seq default (the CLI links it to model.backbone anyway)
         super().__init__(**kwargs)
         if min(max_source_length, max_target_length) < 2:
             raise DataError("data.max_source_length and data.max_target_length must be >= 2.")

@@ -164,19 +164,20 @@ def data_path_origins(argv: list[str]) -> dict[str, PathOrigin]:
     return origins
 
 
-def resolve_data_path(key: str, value: str, origin: PathOrigin | None) -> str:
-    """The absolute path of data.`key`; a DataError that says where it was resolved from if it is missing."""
+def resolve_data_path(key: str, value: str, origin: PathOrigin | None, must_exist: bool = True) -> str:
+    """The absolute path of data.`key`; when it must exist and does not, a DataError that says where it was
+    resolved from."""
     from datamodules.loading import DataError
 
     expanded = os.path.expanduser(value)
     if os.path.isabs(expanded) or "://" in value:
-        if not os.path.exists(expanded):
+        if must_exist and not os.path.exists(expanded):
             raise DataError(f"data.{key}: file '{value}' does not exist.")
         return expanded
     cwd = os.getcwd()
     if origin is not None and origin.value == value and origin.source != "the command line":
         candidate = os.path.normpath(os.path.join(origin.base, expanded))
-        if os.path.exists(candidate):
+        if os.path.exists(candidate) or not must_exist:
             return candidate
         if os.path.exists(os.path.abspath(expanded)):  # written for the working directory: still found, said so
             _say(f"Note: {origin.source}: data.{key} '{value}' is not found next to that file ({origin.base}) but in "
@@ -186,7 +187,7 @@ def resolve_data_path(key: str, value: str, origin: PathOrigin | None) -> str:
                         f"resolved against that file's folder, {origin.base}, giving {candidate}. Fix the path (or "
                         f"override it on the command line, where paths are relative to the working directory {cwd}).")
     path = os.path.abspath(expanded)
-    if not os.path.exists(path):
+    if must_exist and not os.path.exists(path):
         raise DataError(f"data.{key} '{value}' does not exist (relative to the working directory {cwd}: {path}).")
     return path
 
@@ -260,6 +261,8 @@ class FinetuneCLI(LightningCLI):
             _say(f"Resolved --ckpt_path {which} to {cfg.ckpt_path}")
         else:
             check_checkpoint(cfg.ckpt_path)
+        if os.path.isdir(cfg.ckpt_path):  # a sharded checkpoint (DeepSpeed, FSDP): its strategy reads and checks it
+            return
         checkpoint = read_checkpoint(cfg.ckpt_path)
         from jsonargparse import namespace_to_dict
 
@@ -284,15 +287,20 @@ class FinetuneCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         sub, cfg = self._subcommand_config()
         data = cfg.data.get("init_args") if cfg.get("data") is not None else None
-        if data is not None:  # every input file exists before the run directory is created
+        if data is not None:  # the files this stage reads exist before the run directory is created
+            # every stage reads train and validation when given (the label set, the carve-out); test and
+            # the predict file only their own stage
+            reads = {"train", "validation", {"test": "test", "predict": "predict_file"}.get(sub or "fit")}
             files = data.get("data_files")
             if files:
                 data.data_files = {split: resolve_data_path(f"data_files.{split}", str(path),
-                                                            self.data_path_origins.get(f"data_files.{split}"))
+                                                            self.data_path_origins.get(f"data_files.{split}"),
+                                                            must_exist=split in reads)
                                    for split, path in dict(files).items()}
             if data.get("predict_file"):
                 data.predict_file = resolve_data_path("predict_file", str(data.predict_file),
-                                                      self.data_path_origins.get("predict_file"))
+                                                      self.data_path_origins.get("predict_file"),
+                                                      must_exist="predict_file" in reads)
         experiment, experiment_root = self._experiment(cfg)
         drop = (["ProgressBar"] if cfg.trainer.enable_progress_bar is False else []) + (
             ["LearningRateMonitor"] if cfg.trainer.logger is False else [])  # both refuse to run otherwise
@@ -303,6 +311,8 @@ class FinetuneCLI(LightningCLI):
         if job is not None:  # srun / torchrun start every rank alike: a name all of them derive
             run_dir = os.path.join(experiment_root, f"job_{job}")
             os.makedirs(run_dir, exist_ok=True)
+            if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
+                self.run_dir = run_dir
         elif int(os.environ.get("LOCAL_RANK", 0)) > 0 and os.environ.get("FINETUNE_RUN_DIR"):
             run_dir = os.environ["FINETUNE_RUN_DIR"]  # a worker Lightning launched: rank 0 made the directory
         else:

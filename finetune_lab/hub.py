@@ -5,6 +5,7 @@ imports nothing else from the project but the error type.
 """
 from __future__ import annotations
 
+import json
 import os
 
 from finetune_lab.errors import InputError
@@ -67,3 +68,18 @@ def load_tokenizer(name: str):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise not_found(name, "tokenizer", e) from None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what the tokenizer does. Its truncation/padding state is left out: every call changes
+    it, which would make the same tokenizer hash differently before and after its first use."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        content = json.loads(backend.to_str())
+        content.pop("truncation", None)
+        content.pop("padding", None)
+    else:
+        content = [sorted(tokenizer.get_vocab().items()), sorted(map(str, tokenizer.init_kwargs.items()))]
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash([type(tokenizer).__name__, content])

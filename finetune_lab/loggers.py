@@ -78,7 +78,9 @@ class FinetuneWandbLogger(WandbLogger):
     @rank_zero_experiment
     def experiment(self):
         if self._experiment is None and not self._offline and self.mode == "online":
-            unreachable = wandb_reachable(self.init_timeout)
+            # behind a proxy a direct connection says nothing: wandb.init's own timeout decides
+            proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"))
+            unreachable = None if proxied else wandb_reachable(self.init_timeout)
             if unreachable is not None:
                 self._go_offline(f"the server {unreachable}")
             else:

@@ -18,6 +18,7 @@ from torchmetrics import MaxMetric, MeanMetric, MinMetric
 
 from finetune_lab.data_info import DataInfo
 from finetune_lab.errors import CheckpointError
+from finetune_lab.hub import tokenizer_fingerprint
 from lightning_modules.backbones import Backbone, architecture
 from lightning_modules.parameters import (decay_groups, frozen_fingerprint, head_module_names, no_decay_parameter_names,
                                           parameter_counts)
@@ -94,6 +95,9 @@ def checkpoint_identity_mismatches(checkpoint: Mapping[str, Any], current: Mappi
             problems.append(f"model.backbone '{current.get('backbone')}' ({', '.join(f'{k} {b[k]}' for k in differ)}) does not have "
                             f"the architecture of the checkpoint's backbone '{saved.get('backbone')}' "
                             f"({', '.join(f'{k} {a[k]}' for k in differ)})")
+    if saved.get("tokenizer") and current.get("tokenizer") and saved["tokenizer"] != current["tokenizer"]:
+        problems.append(f"the tokenizer of model.backbone '{current.get('backbone')}' is not the one the checkpoint was "
+                        f"trained with (backbone '{saved.get('backbone')}'): another vocabulary gives other token ids")
     strict = resuming or "frozen_base" in checkpoint
     if strict and saved.get("regimes") is not None and list(saved["regimes"]) != list(current.get("regimes") or []):
         problems.append(f"model.regimes are {saved['regimes'] or '[] (full fine-tuning)'} in the checkpoint but "
@@ -193,11 +197,7 @@ class TaskModule(L.LightningModule):
         self.configure_task(self.data_info)
         model = self.task.build_model(self.backbone, self.data_info)
         model.train()  # from_pretrained returns eval mode; Lightning keeps the modes it finds
-        trainer = self._trainer
-        restoring = trainer is not None and (trainer.state.fn != "fit" or trainer.ckpt_path is not None)
-        report = None if restoring else self.backbone.load_report(head_module_names(model))
-        if report:  # not when a checkpoint's weights replace these (test, predict, resume)
-            rank_zero_info(f"Backbone '{self.backbone.name}': {report}")
+        self._load_report = self.backbone.load_report(head_module_names(model))  # said at fit start unless restored
         self.parameter_report = [parameter_counts("backbone + head", model)]
         for regime in self.regimes:
             model = regime.configure_model(model, self.task)
@@ -209,7 +209,10 @@ class TaskModule(L.LightningModule):
         self.val_metrics = self.task.metrics().clone(prefix="val/")
         self.test_metrics = self.task.metrics().clone(prefix="test/")
         # float64 sums of (batch mean x its weight): the split's mean loss, whatever the batching or process count
-        self.val_loss, self.test_loss = MeanMetric().set_dtype(torch.float64), MeanMetric().set_dtype(torch.float64)
+        # (float32 on Apple MPS, which has no float64)
+        on_mps = self._trainer is not None and self.trainer.strategy.root_device.type == "mps"
+        dtype = torch.float32 if on_mps else torch.float64
+        self.val_loss, self.test_loss = MeanMetric().set_dtype(dtype), MeanMetric().set_dtype(dtype)
         self.val_best = MaxMetric() if self.task.monitor_mode == "max" else MinMetric()
         self.val_best.persistent(True)  # best-so-far survives a resume
         loss_fn = self.base_loss
@@ -321,6 +324,8 @@ class TaskModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self) -> None:
+        if getattr(self, "_load_report", None) and not getattr(self, "_restored", False):
+            rank_zero_info(f"Backbone '{self.backbone.name}': {self._load_report}")  # not when a checkpoint replaced it
         for regime in self.regimes:
             regime.on_fit_start(self)
         final = self.parameter_report[-1]
@@ -344,7 +349,9 @@ class TaskModule(L.LightningModule):
         """What a checkpoint of this module must agree with to be loaded into it (see `checkpoint_identity_mismatches`)."""
         model = self._require_model()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return {"task": type(self.task).__name__, "backbone": self.backbone.name,
+        if getattr(self, "_tokenizer_fingerprint", None) is None:
+            self._tokenizer_fingerprint = tokenizer_fingerprint(self.backbone.tokenizer())
+        return {"task": type(self.task).__name__, "backbone": self.backbone.name, "tokenizer": self._tokenizer_fingerprint,
                 "architecture": architecture(base.config.to_dict()), "regimes": [type(r).__name__ for r in self.regimes]}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -358,6 +365,7 @@ class TaskModule(L.LightningModule):
                                          "keys": len(frozen)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored = True
         saved = checkpoint.get("data_info")
         saved = None if saved is None else DataInfo.coerce(saved)
         if self.model is None:
@@ -392,19 +400,23 @@ class TaskModule(L.LightningModule):
 
     def _apply_config_to_saved_optimizer(self, checkpoint: dict[str, Any]) -> None:
         """A resumed run trains with its own config: the saved optimizer and scheduler states (restored after
-        this hook) carry the old lr and weight decay, so they are rescaled to this run's values here."""
-        saved = checkpoint.get("hyper_parameters") or {}
-        old_lr, new_lr = saved.get("lr"), self.hparams.lr
-        old_wd, new_wd = saved.get("weight_decay"), self.hparams.weight_decay
-        scale = new_lr / old_lr if old_lr and old_lr != new_lr else None
+        this hook) carry the old lr, weight decay, betas and eps, so they are set to this run's values here
+        (the lr by the ratio of the two, which keeps the schedule's position and any group's own factor)."""
+        hp = self.hparams
+        old_lr = (checkpoint.get("hyper_parameters") or {}).get("lr")
+        scale = hp.lr / old_lr if old_lr and old_lr != hp.lr else None
         for state in checkpoint.get("optimizer_states") or []:
             for group in state.get("param_groups", []):
                 if scale is not None:
                     for key in ("lr", "initial_lr"):
                         if key in group:
                             group[key] *= scale
-                if old_wd is not None and old_wd != new_wd and group.get("weight_decay") == old_wd and old_wd > 0:
-                    group["weight_decay"] = new_wd
+                if "decay" in group:  # groups made by decay_groups
+                    group["weight_decay"] = hp.weight_decay if group["decay"] else 0.0
+                if "betas" in group:
+                    group["betas"] = tuple(hp.adam_betas)
+                if "eps" in group:
+                    group["eps"] = hp.adam_eps
         if scale is not None:
             for state in checkpoint.get("lr_schedulers") or []:
                 for key in ("base_lrs", "_last_lr"):

@@ -29,9 +29,10 @@ def no_decay_parameter_names(model: nn.Module) -> set[str]:
 
 
 def decay_groups(named: list[tuple[str, nn.Parameter]], no_decay: set[str], weight_decay: float) -> list[dict[str, Any]]:
-    """Two optimizer groups of `named` parameters: with `weight_decay`, and without it for `no_decay` names."""
-    return [{"params": [p for n, p in named if n not in no_decay], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0}]
+    """Two optimizer groups of `named` parameters: with `weight_decay`, and without it for `no_decay` names.
+    `decay` marks which is which (optimizers keep extra keys), so a resumed run can apply its own value."""
+    return [{"params": [p for n, p in named if n not in no_decay], "weight_decay": weight_decay, "decay": True},
+            {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0, "decay": False}]
 
 
 def parameter_counts(stage: str, model: nn.Module) -> dict[str, Any]:

@@ -91,9 +91,10 @@ class Task:
     monitor: str = "loss"
     monitor_mode: str = "min"
     exposes_hidden_states: bool = True
+    requested_outputs: frozenset[str] = frozenset()  # a task that skips super().__init__() requests nothing
 
     def __init__(self) -> None:
-        self.requested_outputs: set[str] = set()  # extra outputs of every forward, asked for by regimes
+        self.requested_outputs = frozenset()  # extra outputs of every forward, asked for by regimes
 
     # ---------------------------------------------------------------- required
     def build_model(self, backbone: Backbone, data_info: DataInfo) -> nn.Module:
@@ -127,7 +128,7 @@ class Task:
         unknown = set(names) - set(OUTPUTS)
         if unknown:
             raise ValueError(f"request_outputs: unknown output(s) {sorted(unknown)}; choose from {list(OUTPUTS)}.")
-        self.requested_outputs.update(names)
+        self.requested_outputs = frozenset(self.requested_outputs | set(names))
 
     def output_flags(self) -> dict[str, bool]:
         """The `output_<name>=True` keyword arguments of the requested outputs."""

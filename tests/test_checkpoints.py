@@ -236,3 +236,35 @@ def test_a_broken_checkpoint_is_one_line_without_traceback_or_misleading_advice(
     assert lines == [f"finetune: error: --ckpt_path {bad}: the checkpoint {expected}" + lines[0].split(expected, 1)[1]]
     assert "Traceback" not in proc.stderr and "weights_only=False" not in proc.stderr
     assert not os.path.exists(tmp_path / "runs")  # no run directory (and no W&B run) for a bad checkpoint
+
+
+def test_a_resumed_run_uses_its_own_weight_decay_betas_and_eps(tiny_backbone, toy_data, tmp_path):
+    cfg = cli_config(tmp_path, tiny_backbone, toy_data, **{"trainer.logger": False, "trainer.max_epochs": 1,
+                                                            "model.weight_decay": 0.0})
+    _cli(["fit", "-c", cfg, "--experiment", "wd"], tmp_path)
+    cli = _cli(["fit", "-c", cfg, "--experiment", "wd", "--ckpt_path", "last", "--trainer.max_epochs", "2",
+                "--model.weight_decay", "0.1", "--model.adam_betas", "[0.8, 0.9]", "--model.adam_eps", "1e-6"], tmp_path)
+    groups = cli.trainer.optimizers[0].param_groups
+    assert [(g["decay"], g["weight_decay"]) for g in groups] == [(True, 0.1), (False, 0.0)]
+    assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 for g in groups)
+
+
+def test_a_checkpoint_with_another_tokenizer_is_refused(trained_run, tmp_path):
+    """Same architecture and weights, but two vocabulary entries swapped: every id means another word."""
+    import shutil
+
+    tmp, cfg, run = trained_run
+    with open(os.path.join(run, "config.yaml")) as f:
+        backbone = __import__("yaml").safe_load(f)["model"]["backbone"]
+    swapped = str(tmp_path / "swapped")
+    shutil.copytree(backbone, swapped)
+    vocab = open(os.path.join(swapped, "vocab.txt")).read().split("\n")
+    i, j = vocab.index("good"), vocab.index("bad")
+    vocab[i], vocab[j] = vocab[j], vocab[i]
+    open(os.path.join(swapped, "vocab.txt"), "w").write("\n".join(vocab))
+    for name in ("tokenizer.json",):  # the fast tokenizer is rebuilt from vocab.txt
+        if os.path.exists(os.path.join(swapped, name)):
+            os.remove(os.path.join(swapped, name))
+    last = os.path.join(run, "checkpoints", "last.ckpt")
+    with pytest.raises(CheckpointError, match="is not the one the checkpoint was trained with"):
+        _cli(["validate", "-c", cfg, "--experiment", "swap", "--ckpt_path", last, "--model.backbone", swapped], tmp_path)

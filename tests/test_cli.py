@@ -365,3 +365,15 @@ def test_an_api_key_without_a_reachable_server_falls_back_to_offline(tiny_backbo
     assert time.time() - start < 120
     assert "this run logs offline" in proc.stderr and f"127.0.0.1:{port} is not reachable" in proc.stderr
     assert glob.glob(str(tmp_path / "runs" / "wb" / "version_0" / "wandb" / "offline-run-*" / "run-*.wandb"))
+
+
+def test_only_the_files_a_stage_reads_must_exist(tiny_backbone, toy_data, tmp_path):
+    files = {**toy_data, "test": str(tmp_path / "not_written_yet.jsonl")}
+    cfg = cli_config(tmp_path, tiny_backbone, files, **{"trainer.logger": False, "trainer.max_epochs": 1,
+                                                         "data.init_args.predict_file": str(tmp_path / "later.txt")})
+    cli = build_cli(["fit", "-c", cfg, "--run_root", str(tmp_path / "runs")])  # fit reads neither test nor predict
+    assert cli.trainer.global_step > 0
+    from datamodules.loading import DataError
+
+    with pytest.raises(DataError, match="not_written_yet.jsonl' does not exist"):
+        build_cli(["test", "-c", cfg, "--run_root", str(tmp_path / "runs"), "--ckpt_path", "last"])

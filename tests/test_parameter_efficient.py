@@ -247,3 +247,16 @@ def test_an_interrupted_export_leaves_no_partial_export(task_data, tmp_path, mon
         trainer.fit(module, datamodule=dm)
     assert not os.path.exists(tmp_path / "export") and not os.path.exists(tmp_path / "export.tmp")
     assert export.path is None
+
+
+def test_bitfit_on_a_model_without_biases_says_so(tmp_path):
+    from datamodules.tokenizer_training import train_tokenizer
+    from lightning_modules.regimes import BitFit
+    from lightning_modules.tasks import Seq2Seq
+
+    tok = str(tmp_path / "tok")
+    train_tokenizer(["a b c d", "b c d e"] * 20, tok, vocab_size=300, min_frequency=1)
+    t5 = {"model_type": "t5", "d_model": 16, "d_ff": 32, "num_layers": 1, "num_heads": 2, "d_kv": 8}  # T5: no biases
+    module = TaskModule(Seq2Seq(), backbone=tok, backbone_config=t5, regimes=[BitFit()])
+    with pytest.raises(ValueError, match="has no bias terms"):
+        module.build({})

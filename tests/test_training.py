@@ -143,3 +143,29 @@ def test_test_report_is_only_for_tasks_with_types(tiny_backbone, toy_data, tmp_p
     trainer.test(module, datamodule=dm, verbose=False)
     assert not os.path.exists(tmp_path / "test_per_type.csv")
     assert "per type" not in capsys.readouterr().out
+
+
+def test_a_task_that_skips_the_base_constructor_still_runs():
+    from lightning_modules import Task
+
+    class Minimal(Task):
+        def __init__(self):  # no super().__init__(): a user's task
+            self.label = "x"
+
+        def model_inputs(self, batch):
+            return dict(batch)
+
+    seen = {}
+    Minimal().forward(lambda **kw: seen.update(kw), {"input_ids": 1})
+    assert seen == {"input_ids": 1}
+
+
+def test_the_ner_scheme_is_the_datas_and_a_different_task_scheme_is_refused():
+    from finetune_lab.data_info import DataInfo
+    from lightning_modules.tasks import TokenClassification
+
+    task = TokenClassification(mode="strict")
+    task.configure(DataInfo(label_names=["O", "S-PER", "B-PER", "E-PER"], scheme="BIOES"))
+    assert task.scheme == "BIOES" and task.metrics()["entity"].scheme == "BIOES"
+    with pytest.raises(ValueError, match="the scheme is set once, in data.init_args.scheme"):
+        TokenClassification(scheme="IOB2").configure(DataInfo(label_names=["O", "B-PER"], scheme="BIOES"))

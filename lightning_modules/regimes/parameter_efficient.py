@@ -152,6 +152,9 @@ class BitFit(Regime):
     def configure_model(self, model: nn.Module, task: Task) -> nn.Module:
         # a pretrained head (a language model's, often tied to the embeddings) stays frozen with the base
         heads = head_module_names(model) if self.train_head and task.new_head else []
+        if not any(name.endswith("bias") for name, _ in model.named_parameters()):
+            raise ValueError(f"BitFit: {type(model).__name__} has no bias terms (T5-style layers), so BitFit would train "
+                             f"{'only the head ' + str(heads) if heads else 'nothing'}; use another regime (e.g. LoRA).")
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith("bias") or name.split(".", 1)[0] in heads)
         return model

@@ -39,19 +39,26 @@ class TokenClassification(Task):
     Args:
         mode: entity extraction as seqeval's default mode ("default") or `mode="strict"`.
         monitor: metric tracked by checkpoints and `val/<monitor>_best` (default `f1`).
+        scheme: deprecated (checkpoints and configs from before the scheme moved to the data); the data's
+            scheme is used, and a different value here is an error.
     """
 
     peft_task_type = "TOKEN_CLS"
 
-    def __init__(self, mode: Literal["default", "strict"] = "default", monitor: str = "f1") -> None:
+    def __init__(self, mode: Literal["default", "strict"] = "default", monitor: str = "f1",
+                 scheme: Literal["IOB2", "IOB1", "BIOES"] | None = None) -> None:
         super().__init__()
-        self.scheme, self.mode = "IOB2", mode
+        self._given_scheme = scheme
+        self.scheme, self.mode = scheme or "IOB2", mode
         self.monitor, self.monitor_mode = monitor, ("min" if monitor == "loss" else "max")
         self.label_names: list[str] = []
 
     def configure(self, data_info: DataInfo) -> None:
         data_info = DataInfo.coerce(data_info)
-        self.scheme = data_info.scheme or "IOB2"
+        if self._given_scheme is not None and data_info.scheme is not None and self._given_scheme != data_info.scheme:
+            raise ValueError(f"model.task.init_args.scheme={self._given_scheme} but the data's scheme is {data_info.scheme}; "
+                             "the scheme is set once, in data.init_args.scheme (remove it from the task).")
+        self.scheme = data_info.scheme or self._given_scheme or "IOB2"
         self.label_names = list(data_info.label_names)
         if "O" not in self.label_names:
             raise ValueError(f"The tag set has no 'O' tag: {self.label_names}")
