@@ -236,8 +236,13 @@ class TaskModule(L.LightningModule):
     def forward(self, batch: Batch) -> Any:
         return self.task.forward(self._require_model(), batch)
 
+    def training_loss(self, batch: Batch) -> StepOutput:
+        """The training loss of a batch through every regime's wrapper (what `training_step` backpropagates)."""
+        self._require_model()
+        return self._loss_fn(batch)
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        out = self._loss_fn(batch)
+        out = self.training_loss(batch)
         bs = batch_size_of(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         for key, value in out.logs.items():

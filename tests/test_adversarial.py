@@ -38,7 +38,7 @@ def test_perturbation_norm_and_padding(task_data, task_name, regime_fn, bound, e
     regime = regime_fn()
     module, dm = build(task_data, task_name, [regime])
     batch = padded_batch(dm)
-    out = module._loss_fn(batch)
+    out = module.training_loss(batch)
     assert torch.isfinite(out.loss) and {"loss_clean", "loss_adv", "adv_norm"} <= set(out.logs)
     delta, mask = regime.last_perturbation, batch["attention_mask"]
     assert torch.count_nonzero(delta[mask == 0]) == 0  # padding is never perturbed
@@ -61,7 +61,7 @@ def test_zero_eps_gradients_are_clean_gradients_scaled(task_data, task_name, reg
     module.base_loss(batch).loss.backward()
     clean = _grads(module)
     module.zero_grad()
-    out = module._loss_fn(batch)
+    out = module.training_loss(batch)
     out.loss.backward()
     adv = _grads(module)
     assert set(adv) == set(clean) and len(clean) > 10
@@ -76,7 +76,7 @@ def test_fgm_direction_matches_finite_differences(task_data):
     module, dm = build(task_data, "seq", [regime])
     module.double()
     batch = padded_batch(dm, 3)
-    regime_loss = module._loss_fn(batch)
+    regime_loss = module.training_loss(batch)
     assert torch.isfinite(regime_loss.loss)
     embeds = module.model.get_input_embeddings()(batch["input_ids"]).detach()
     mask = batch["attention_mask"].unsqueeze(-1).double()
@@ -104,7 +104,7 @@ def test_fgm_direction_matches_finite_differences(task_data):
                          ids=["fgm", "pgd", "pgd-linf", "freelb", "freelb-linf"])
 def test_perturbations_ascend_the_loss(task_data, task_name, regime):
     module, dm = build(task_data, task_name, [regime])
-    out = module._loss_fn(padded_batch(dm))
+    out = module.training_loss(padded_batch(dm))
     # FreeLB's loss_adv is the mean over its steps, the first of which (init_mag 0) is the clean loss
     assert float(out.logs["loss_adv"]) > float(out.logs["loss_clean"])
 
@@ -118,7 +118,7 @@ def test_fp16_loss_scale_inside_the_regime_leaves_gradients_unchanged(task_data,
         monkeypatch.setattr(adversarial, "grad_scale", lambda module: scale)
         module, dm = build(task_data, "seq", [regime_fn()])
         torch.manual_seed(0)  # FreeLB's random start
-        module._loss_fn(padded_batch(dm)).loss.backward()
+        module.training_loss(padded_batch(dm)).loss.backward()
         grads.append(_grads(module))
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-7, msg=name)
@@ -147,7 +147,7 @@ def test_gradient_accumulation_sums_the_regime_gradients(task_data, regime_fn):
     module, dm = build(task_data, "seq", [regime_fn()])
     batches = _batches(dm, 2)
     for b in batches:  # what two accumulated batches must give: the mean of the two regime gradients
-        (module._loss_fn(b).loss / 2).backward()
+        (module.training_loss(b).loss / 2).backward()
     expected = _grads(module)
     module.zero_grad()
     recorder = GradRecorder()
@@ -162,7 +162,7 @@ def test_gradient_accumulation_sums_the_regime_gradients(task_data, regime_fn):
 def test_two_adversarial_regimes_refuse_to_stack(task_data):
     module, dm = build(task_data, "seq", [FGM(), PGD()])
     with pytest.raises(ValueError, match="another regime already perturbs the embeddings"):
-        module._loss_fn(_batches(dm, 1)[0])
+        module.training_loss(_batches(dm, 1)[0])
     with pytest.raises(ValueError, match="norm must be 'l2' or 'linf'"):
         PGD(norm="l1")
 

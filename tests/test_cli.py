@@ -81,7 +81,7 @@ def test_custom_regimes_from_yaml_change_training_without_touching_the_module(ti
     module.eval()
     batch = next(iter(cli.datamodule.val_dataloader()))
     with torch.no_grad():
-        clean, wrapped = module.base_loss(batch), module._loss_fn(batch)
+        clean, wrapped = module.base_loss(batch), module.training_loss(batch)
     torch.testing.assert_close(wrapped.loss, clean.loss + 0.05 * wrapped.logs["l2"])
 
 

@@ -42,14 +42,14 @@ def test_losses_vanish_when_student_equals_teacher_and_alpha_mixes(task_data, sa
     regime = Distillation(teacher=folder, alpha=0.3, temperature=2.0, hidden_weight=1.0, attention_weight=1.0)
     module, dm = _student(task_data, task_name, folder, [regime])
     batch = padded_batch(dm)
-    out = module._loss_fn(batch)
+    out = module.training_loss(batch)
     for key in ("loss_soft", "loss_hidden", "loss_attention"):
         assert float(out.logs[key]) == pytest.approx(0.0, abs=1e-6), key
     assert float(out.loss) == pytest.approx(0.7 * float(out.logs["loss_hard"]), rel=1e-5)
     with torch.no_grad():  # a different student: every term becomes positive
         for p in module.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    out = module._loss_fn(batch)
+    out = module.training_loss(batch)
     assert all(float(out.logs[k]) > 1e-4 for k in ("loss_soft", "loss_hidden", "loss_attention"))
     expected = 0.7 * out.logs["loss_hard"] + 0.3 * out.logs["loss_soft"] + out.logs["loss_hidden"] + out.logs["loss_attention"]
     assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)

@@ -39,7 +39,7 @@ def test_gradual_unfreezing(setup_data):
     # epoch 1 unfroze the top frozen layer (layer 1), which then trained; layer 0 and embeddings stay frozen
     assert all(p.requires_grad for p in module.model.bert.encoder.layer[1].parameters())
     assert not any(p.requires_grad for p in module.model.bert.encoder.layer[0].parameters())
-    assert len(regime._frozen) == 2
+    assert len(regime.frozen) == 2
 
 
 def test_regime_errors():

@@ -282,7 +282,7 @@ def test_adversarial_embeddings_are_scaled_like_the_model_scales_input_ids(mt):
     with torch.no_grad():
         plain = module.base_loss(batch).loss
         via_embeds = module.base_loss(batch, inputs_embeds=embed(module, batch)).loss
-    assert module.task._embed_scale(module.model) == pytest.approx(32 ** 0.5)  # Marian: scale_embedding
+    assert module.task.embedding_scale(module.model) == pytest.approx(32 ** 0.5)  # Marian: scale_embedding
     assert float(via_embeds) == pytest.approx(float(plain), rel=1e-5)
 
 
@@ -295,7 +295,7 @@ def test_word_level_distillation_is_zero_for_the_teacher_itself_and_counts_targe
     regime.ensure_teacher(module)
     module.eval()
     batch = _batch(dm)
-    out = module._loss_fn(batch)
+    out = module.training_loss(batch)
     assert float(out.logs["loss_soft"]) == pytest.approx(0.0, abs=1e-6)
     rows, counts = module.task.scored_logits(out.outputs, batch)
     assert rows.shape[0] == int((batch["labels"] != -100).sum()) == int(counts.sum())

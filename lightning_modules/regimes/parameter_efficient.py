@@ -179,7 +179,7 @@ class Freeze(Regime):
         if unfreeze_every_epochs is not None and unfreeze_every_epochs < 1:
             raise ValueError(f"Freeze: unfreeze_every_epochs must be >= 1, got {unfreeze_every_epochs}")
         self.embeddings, self.layers, self.unfreeze_every_epochs = embeddings, layers, unfreeze_every_epochs
-        self._frozen: list[nn.Module] = []
+        self.frozen: list[nn.Module] = []  # blocks still frozen, bottom first (unfreezing pops the top)
 
     def configure_model(self, model: nn.Module, task: Task) -> nn.Module:
         try:
@@ -196,7 +196,7 @@ class Freeze(Regime):
         for block in frozen:
             for p in block.parameters():
                 p.requires_grad_(False)
-        self._frozen = frozen
+        self.frozen = frozen
         return model
 
     def parameter_groups(self, module: "TaskModule") -> list[dict[str, Any]]:
@@ -204,14 +204,14 @@ class Freeze(Regime):
         # parameters without gradients, so they only move once unfrozen.
         if not self.unfreeze_every_epochs:
             return []
-        named = [(f"{i}.{n}", p) for i, block in enumerate(self._frozen) for n, p in block.named_parameters()]
-        no_decay = {f"{i}.{n}" for i, block in enumerate(self._frozen) for n in no_decay_parameter_names(block)}
+        named = [(f"{i}.{n}", p) for i, block in enumerate(self.frozen) for n, p in block.named_parameters()]
+        no_decay = {f"{i}.{n}" for i, block in enumerate(self.frozen) for n in no_decay_parameter_names(block)}
         return decay_groups(named, no_decay, module.hparams.weight_decay)  # biases and norms: no decay, as everywhere
 
     def on_train_epoch_start(self, module: "TaskModule") -> None:
         every = self.unfreeze_every_epochs
         epoch = module.current_epoch
-        if every and epoch > 0 and epoch % every == 0 and self._frozen:
-            block = self._frozen.pop()
+        if every and epoch > 0 and epoch % every == 0 and self.frozen:
+            block = self.frozen.pop()
             for p in block.parameters():
                 p.requires_grad_(True)

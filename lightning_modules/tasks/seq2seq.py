@@ -129,7 +129,7 @@ class Seq2Seq(Task):
         return model
 
     @staticmethod
-    def _embed_scale(model: nn.Module) -> float:
+    def embedding_scale(model: nn.Module) -> float:
         """Marian-style encoders scale token embeddings inside `forward` only when given `input_ids`; given
         `inputs_embeds` (adversarial regimes) the scale must be applied by the caller."""
         encoder = model.get_encoder()
@@ -145,7 +145,7 @@ class Seq2Seq(Task):
         inputs = self.model_inputs(batch)
         if inputs_embeds is not None:
             inputs.pop("input_ids")
-            inputs["inputs_embeds"] = inputs_embeds * self._embed_scale(model)
+            inputs["inputs_embeds"] = inputs_embeds * self.embedding_scale(model)
         return inputs
 
     def forward(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> Any:
