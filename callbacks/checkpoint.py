@@ -63,19 +63,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_dir(folder)
 
 
-def checkpoint_problem(path: str) -> str | None:
-    """Why `path` is not a loadable checkpoint (a short phrase), or None when it loads.
+def inspect_checkpoint(path: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(contents, None) when `path` loads, else (None, why not: a short phrase). A sharded checkpoint
+    (a folder: DeepSpeed, FSDP) is (None, None): its strategy reads and checks it.
 
     Cheap: the archive's index is read and the pickled structure unpickled with memory-mapped tensors,
     so a 300 MB checkpoint is checked without reading its weights.
     """
     if not os.path.exists(path):
-        return "does not exist"
+        return None, "does not exist"
     if os.path.isdir(path):
-        return None  # sharded checkpoints (DeepSpeed, FSDP) are folders; their strategy checks them
+        return None, None
     size = os.path.getsize(path)
     if size == 0:
-        return "is empty (0 bytes): its write was interrupted"
+        return None, "is empty (0 bytes): its write was interrupted"
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(b"PK"):
@@ -83,20 +84,19 @@ def checkpoint_problem(path: str) -> str | None:
             with zipfile.ZipFile(path) as z:
                 z.namelist()
         except (zipfile.BadZipFile, OSError):
-            return f"is truncated or damaged ({size:,} bytes, no readable archive index): its write was interrupted"
+            return None, f"is truncated or damaged ({size:,} bytes, no readable archive index): its write was interrupted"
     elif head[:1] != b"\x80":  # neither a zip archive nor torch.save's legacy pickle format
         shown = head[:24].decode("utf-8", "replace")
-        return (f"is not a PyTorch checkpoint (it starts with {shown!r}); checkpoints written by finetune "
+        return None, (f"is not a PyTorch checkpoint (it starts with {shown!r}); checkpoints written by finetune "
                 "(Lightning) are zip archives such as runs/<experiment>/version_N/checkpoints/last.ckpt")
     try:
-        read_checkpoint(path)
+        return read_checkpoint(path), None
     except Exception as e:  # noqa: BLE001 - any failure means it does not load
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights only load failed" in str(e).lower() or "weights_only" in str(e):
-            return ("holds Python objects that a safe load (weights_only) refuses; it was not written by "
+            return None, ("holds Python objects that a safe load (weights_only) refuses; it was not written by "
                     "finetune, or a callback stored an object that is not a tensor or a plain value")
-        return f"does not load ({type(e).__name__}: {reason[:200]})"
-    return None
+        return None, f"does not load ({type(e).__name__}: {reason[:200]})"
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
@@ -106,12 +106,19 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
 
 
-def check_checkpoint(path: str, option: str = "--ckpt_path") -> None:
-    """Raise CheckpointError (one line: the file, what is wrong, the fix) unless `path` loads."""
-    problem = checkpoint_problem(path)
+def checkpoint_problem(path: str) -> str | None:
+    """Why `path` is not a loadable checkpoint (a short phrase), or None when it loads (see `inspect_checkpoint`)."""
+    return inspect_checkpoint(path)[1]
+
+
+def check_checkpoint(path: str, option: str = "--ckpt_path") -> dict[str, Any] | None:
+    """The checkpoint's contents (tensors memory-mapped; None for a sharded folder), or CheckpointError
+    (one line: the file, what is wrong, the fix) when it does not load."""
+    contents, problem = inspect_checkpoint(path)
     if problem is not None:
         raise CheckpointError(f"{option} {path}: the checkpoint {problem}. Pass another checkpoint, or "
                               f"{option} last / best to take the newest run's that loads.")
+    return contents
 
 
 class TaskCheckpoint(ModelCheckpoint):

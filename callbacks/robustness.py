@@ -7,7 +7,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torchmetrics import MeanMetric
 
 from callbacks.batches import device_batches
 from lightning_modules.embedding_attacks import Norm, embed, input_grad, pgd_attack, token_mask
@@ -90,7 +89,7 @@ class RobustnessEval(L.Callback):
         # validation runs under inference mode: the attack needs autograd, on tensors made outside it
         with torch.inference_mode(False), torch.enable_grad():
             metrics = task.metrics().to(pl_module.device)
-            loss = MeanMetric().set_dtype(torch.float64).to(pl_module.device)  # for monitor == "loss", as the module's
+            loss = pl_module.new_loss_metric().to(pl_module.device)  # for monitor == "loss", as the module's
             try:
                 value = self._run(trainer, pl_module, loader, eps, limit, metrics, loss)
             finally:

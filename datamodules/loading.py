@@ -60,8 +60,17 @@ def check_utf8(path: str, chunk_bytes: int = 1 << 24) -> None:
 
 
 def check_delimited(path: str, ext: str) -> None:
-    """Raise DataError at the first row of a CSV/TSV whose field count differs from the header's, or at an
-    opening quote that is never closed (CSV); pandas reports these only deep in a chained error."""
+    """Raise DataError at the first row of a CSV/TSV whose field count differs from the header's, at an
+    opening quote that is never closed (CSV), or at a byte that is not UTF-8; pandas reports these only
+    deep in a chained error."""
+    try:
+        _check_fields(path, ext)
+    except UnicodeDecodeError:
+        check_utf8(path)  # raises with the line and column
+        raise
+
+
+def _check_fields(path: str, ext: str) -> None:
     if ext == ".tsv":  # no quoting: a field is what lies between tabs
         with open(path, encoding="utf-8", newline="") as f:
             header = f.readline().rstrip("\r\n")
@@ -118,10 +127,10 @@ def load_local_split(path: str, split: str) -> Dataset:
         raise DataError(f"data_files.{split}: '{path}' has extension '{ext}'; supported: {sorted(_FORMATS)}.")
     if os.path.getsize(path) == 0:
         raise DataError(f"data_files.{split}: '{path}' has no rows (the file is empty).")
-    if ext in _TEXT_FORMATS:
-        check_utf8(path)
     if ext in (".csv", ".tsv"):
-        check_delimited(path, ext)
+        check_delimited(path, ext)  # also finds a byte that is not UTF-8
+    elif ext in _TEXT_FORMATS:
+        check_utf8(path)
     builder, kwargs = _FORMATS[ext]
     try:
         ds = load_dataset(builder, data_files={split: os.path.abspath(path)}, split=split, **kwargs)

@@ -32,7 +32,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from callbacks import DistillationReport, GenerationSamples, HFExport, JsonlPredictionWriter, PerTypeReport, RobustnessEval, RunSummary, TaskCheckpoint
-from callbacks.checkpoint import CheckpointError, check_checkpoint, checkpoint_problem, read_checkpoint
+from callbacks.checkpoint import CheckpointError, check_checkpoint, checkpoint_problem
 from finetune_lab.errors import InputError
 from lightning_modules import TaskModule
 from lightning_modules.module import checkpoint_identity_mismatches, config_identity
@@ -259,11 +259,9 @@ class FinetuneCLI(LightningCLI):
             which = cfg.ckpt_path
             cfg.ckpt_path = find_checkpoint(self._experiment(cfg)[1], which)
             _say(f"Resolved --ckpt_path {which} to {cfg.ckpt_path}")
-        else:
-            check_checkpoint(cfg.ckpt_path)
-        if os.path.isdir(cfg.ckpt_path):  # a sharded checkpoint (DeepSpeed, FSDP): its strategy reads and checks it
+        checkpoint = check_checkpoint(cfg.ckpt_path)
+        if checkpoint is None:  # a sharded checkpoint (DeepSpeed, FSDP): its strategy reads and checks it
             return
-        checkpoint = read_checkpoint(cfg.ckpt_path)
         from jsonargparse import namespace_to_dict
 
         model = namespace_to_dict(cfg.model)

@@ -168,6 +168,9 @@ class TaskModule(L.LightningModule):
         self.backbone = Backbone(backbone, backbone_config, backbone_layers)
         self.model: nn.Module | None = None
         self.data_info: DataInfo | None = None
+        self._load_report: str | None = None  # what from_pretrained did not take from the weights; said at fit start
+        self._restored = False  # a checkpoint replaced the backbone's weights
+        self._tokenizer_fingerprint: str | None = None
         self._loss_fn = None
 
     # ---------------------------------------------------------------- building
@@ -208,17 +211,19 @@ class TaskModule(L.LightningModule):
                                              for name, m in r.trainable_modules(self).items()})
         self.val_metrics = self.task.metrics().clone(prefix="val/")
         self.test_metrics = self.task.metrics().clone(prefix="test/")
-        # float64 sums of (batch mean x its weight): the split's mean loss, whatever the batching or process count
-        # (float32 on Apple MPS, which has no float64)
-        on_mps = self._trainer is not None and self.trainer.strategy.root_device.type == "mps"
-        dtype = torch.float32 if on_mps else torch.float64
-        self.val_loss, self.test_loss = MeanMetric().set_dtype(dtype), MeanMetric().set_dtype(dtype)
+        self.val_loss, self.test_loss = self.new_loss_metric(), self.new_loss_metric()
         self.val_best = MaxMetric() if self.task.monitor_mode == "max" else MinMetric()
         self.val_best.persistent(True)  # best-so-far survives a resume
         loss_fn = self.base_loss
         for regime in reversed(self.regimes):  # first regime = outermost wrapper
             loss_fn = regime.wrap_loss(loss_fn, self)
         self._loss_fn = loss_fn
+
+    def new_loss_metric(self) -> MeanMetric:
+        """A mean of batch losses weighted by `Task.loss_weight`: float64 sums, so the split's mean loss is the
+        same whatever the batching or process count (float32 on Apple MPS, which has no float64)."""
+        on_mps = self._trainer is not None and self.trainer.strategy.root_device.type == "mps"
+        return MeanMetric().set_dtype(torch.float32 if on_mps else torch.float64)
 
     def _require_model(self) -> nn.Module:
         if self.model is None:
@@ -301,10 +306,11 @@ class TaskModule(L.LightningModule):
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         model = self._require_model()
-        groups = []
-        for part in (model, self.regime_modules):
-            named = [(n, p) for n, p in part.named_parameters() if p.requires_grad]
-            groups.extend(decay_groups(named, no_decay_parameter_names(part), self.hparams.weight_decay))
+        named, no_decay = [], set()  # the model and the regimes' modules share the two groups
+        for prefix, part in (("model.", model), ("regime_modules.", self.regime_modules)):
+            named += [(prefix + n, p) for n, p in part.named_parameters() if p.requires_grad]
+            no_decay |= {prefix + n for n in no_decay_parameter_names(part)}
+        groups = decay_groups(named, no_decay, self.hparams.weight_decay)
         for regime in self.regimes:
             groups.extend(regime.parameter_groups(self))
         groups = [g for g in groups if g["params"]]
@@ -329,7 +335,7 @@ class TaskModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self) -> None:
-        if getattr(self, "_load_report", None) and not getattr(self, "_restored", False):
+        if self._load_report and not self._restored:
             rank_zero_info(f"Backbone '{self.backbone.name}': {self._load_report}")  # not when a checkpoint replaced it
         for regime in self.regimes:
             regime.on_fit_start(self)
@@ -354,7 +360,7 @@ class TaskModule(L.LightningModule):
         """What a checkpoint of this module must agree with to be loaded into it (see `checkpoint_identity_mismatches`)."""
         model = self._require_model()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if getattr(self, "_tokenizer_fingerprint", None) is None:
+        if self._tokenizer_fingerprint is None:
             self._tokenizer_fingerprint = tokenizer_fingerprint(self.backbone.tokenizer())
         return {"task": type(self.task).__name__, "backbone": self.backbone.name, "tokenizer": self._tokenizer_fingerprint,
                 "architecture": architecture(base.config.to_dict()), "regimes": [type(r).__name__ for r in self.regimes]}

@@ -10,7 +10,7 @@ import torch
 from callbacks import RobustnessEval
 from datamodules.noise import perturb_words
 from lightning_modules.regimes import FGM, PGD, FreeLB
-from lightning_modules.regimes.adversarial import embed, perturbation_norms
+from lightning_modules.embedding_attacks import embed, perturbation_norms
 from tests.cases import build, padded_batch
 from tests.utils import cli_config, make_trainer, run_cli
 

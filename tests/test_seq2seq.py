@@ -18,7 +18,7 @@ from datamodules.loading import DataError
 from datamodules.tokenizer_training import train_tokenizer
 from lightning_modules import TaskModule
 from lightning_modules.regimes import Distillation
-from lightning_modules.regimes.adversarial import embed
+from lightning_modules.embedding_attacks import embed
 from lightning_modules.tasks import Seq2Seq
 from lightning_modules.tasks.generation_metrics import CorpusBLEU, CorpusChrF, MeanRouge
 from tests.helpers import read_wandb_records, tiny_marian_config, toy_translation_rows, write_jsonl

@@ -27,9 +27,6 @@ from lightning_modules.task import Batch, LossFn, StepOutput
 if TYPE_CHECKING:
     from lightning_modules.module import TaskModule
 
-__all__ = ["FGM", "PGD", "FreeLB", "InnerBackward", "embed", "grad_scale", "perturbation_norms", "pgd_attack"]
-
-
 class _CarryGrads(torch.autograd.Function):
     """A zero scalar whose backward hands precomputed gradients to `params` (times the incoming scale,
     e.g. Lightning's 1 / accumulate_grad_batches or the fp16 loss scale)."""
