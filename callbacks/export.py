@@ -113,7 +113,7 @@ class HFExport(L.Callback):
             if is_adapter:
                 self._make_adapter_portable(tmp, model, pl_module)
             if self.merged and hasattr(model, "merge_and_unload"):
-                self.export_merged(model, state_dict, tokenizer, os.path.join(tmp, "merged"))
+                self.export_merged(model, state_dict, tokenizer, os.path.join(tmp, "merged"), pl_module.task)
             replace_folder(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -145,7 +145,7 @@ class HFExport(L.Callback):
                 json.dump(labels, f, indent=2)
 
     @staticmethod
-    def export_merged(model, state_dict, tokenizer, out: str) -> None:
+    def export_merged(model, state_dict, tokenizer, out: str, task=None) -> None:
         import copy
 
         merged = copy.deepcopy(model)
@@ -158,4 +158,6 @@ class HFExport(L.Callback):
             return
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        if task is not None:
+            task.save_pretrained_extras(out)
         rank_zero_info(f"Exported the merged model to {out}")

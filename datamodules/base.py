@@ -24,6 +24,7 @@ Optional hooks (no-ops or plain defaults here):
     check_tokenizer()                e.g. a fast tokenizer, a max length the model supports
     before_encoding(raw)             e.g. train a tokenizer on the training split
     report_truncation(split, encoded)  count (and report once) what the length limits cut
+    after_encoding(split, encoded)   the encoded rows the loaders see (e.g. drop rows, pack training rows)
     predict_dataset(ds)              a csv/jsonl predict file -> the columns the encoder reads
     predict_keep() -> dict           raw columns passed through to predict batches (batch key -> column)
     add_noise(row, rng, fraction)    one row with seeded word noise (robustness evaluation)
@@ -164,6 +165,9 @@ class TaskDataModule(L.LightningDataModule):
     def report_truncation(self, split: str, encoded: Dataset) -> None:
         pass
 
+    def after_encoding(self, split: str, encoded: Dataset) -> Dataset:
+        return encoded
+
     def predict_dataset(self, ds: Dataset) -> Dataset:
         check_columns(ds, "predict", self.predict_columns())
         return ds
@@ -244,7 +248,7 @@ class TaskDataModule(L.LightningDataModule):
         if split not in self._reported:  # truncation is never silent: counted and reported once per split
             self._reported.add(split)
             self.report_truncation(split, encoded)
-        return encoded
+        return self.after_encoding(split, encoded)
 
     def count_truncated(self, split: str, lengths: np.ndarray, limit: int, noun: str, option: str) -> int:
         """How many `lengths` (full token counts) exceed `limit`; reported once, naming the option to raise."""

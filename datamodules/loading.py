@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import os
 from typing import Any, Mapping
 
@@ -35,7 +36,7 @@ _TEXT_FORMATS = (".csv", ".tsv", ".jsonl", ".json")
 def check_utf8(path: str, chunk_bytes: int = 1 << 24) -> None:
     """Raise DataError naming the line and column of the first byte that is not UTF-8 (read in chunks)."""
     line, carry, column0 = 1, b"", 0  # column0: bytes of the current line before `data`
-    with open(path, "rb") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         while True:
             chunk = f.read(chunk_bytes)
             data, final = carry + chunk, not chunk
@@ -104,7 +105,7 @@ def check_jsonl(path: str) -> None:
     """Raise DataError at the first line of a JSON-lines file that is not one JSON object."""
     import json
 
-    with open(path, encoding="utf-8") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -118,16 +119,23 @@ def check_jsonl(path: str) -> None:
                                 'file must be one object such as {"text": ..., "label": ...}.')
 
 
+def file_format(path: str) -> str:
+    """The format extension of a data file (`.jsonl` for `x.jsonl` and `x.jsonl.gz`)."""
+    stem = path[:-3] if path.lower().endswith(".gz") else path
+    return os.path.splitext(stem)[1].lower()
+
+
 def load_local_split(path: str, split: str) -> Dataset:
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise DataFileNotFoundError(f"data_files.{split}: file '{path}' does not exist (cwd: {os.getcwd()}).")
-    ext = os.path.splitext(path)[1].lower()
+    ext = file_format(path)
     if ext not in _FORMATS:
-        raise DataError(f"data_files.{split}: '{path}' has extension '{ext}'; supported: {sorted(_FORMATS)}.")
+        raise DataError(f"data_files.{split}: '{path}' has extension '{ext}'; supported: {sorted(_FORMATS)}, "
+                        "gzipped text formats too (.jsonl.gz, ...).")
     if os.path.getsize(path) == 0:
         raise DataError(f"data_files.{split}: '{path}' has no rows (the file is empty).")
-    if ext in (".csv", ".tsv"):
+    if ext in (".csv", ".tsv") and not path.lower().endswith(".gz"):
         check_delimited(path, ext)  # also finds a byte that is not UTF-8
     elif ext in _TEXT_FORMATS:
         check_utf8(path)

@@ -405,8 +405,15 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FinetuneCLI:
 
 
 def main() -> None:
-    """Console entry point `finetune`: bad input is one line on stderr and exit status 2."""
+    """Console entry point `finetune`: bad input is one line on stderr and exit status 2. `finetune chat`
+    talks to a causal LM (`finetune_lab.chat`); every other subcommand is LightningCLI's."""
     try:
+        if len(sys.argv) > 1 and sys.argv[1] == "chat":
+            from finetune_lab.chat import main as chat_main
+
+            quiet_framework_noise()
+            chat_main(sys.argv[2:])
+            return
         build_cli()
     except InputError as e:
         if os.environ.get("FINETUNE_TRACEBACK"):

@@ -20,12 +20,17 @@ class DataInfo:
         scheme: the tagging scheme of word labels ("IOB2", "IOB1", "BIOES"), or None.
         target_tokenizer: the separate tokenizer of the target language (seq2seq with per-language
             vocabularies), or None when source and target share the model's tokenizer.
+        chat_template: the Jinja chat template conversations were rendered with (causal LMs), when it is
+            not the tokenizer's own (named or written inline in the data config); None otherwise.
+        system_prompt: the system prompt conversations start with (causal LMs; `finetune chat` uses it).
     """
 
     label_names: list[str] = field(default_factory=list)
     problem_type: str | None = None
     scheme: str | None = None
     target_tokenizer: str | None = None
+    chat_template: str | None = None
+    system_prompt: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, as checkpoints store them (loadable with `torch.load(weights_only=True)`)."""

@@ -21,6 +21,10 @@ Optional members (a default here; override when the task differs):
     per_example_loss(outputs, batch) -> (B,)          the loss of each example
     scored_logits(outputs, batch) -> (rows, counts)   the logits of the scored positions: rows (N, C) and
                                                       how many rows each example has, counts (B,)
+    soft_target_loss(outputs, teacher_outputs, batch, temperature) -> Tensor
+                                                      KL(teacher_T || student_T) x T^2 over the scored positions,
+                                                      when the task computes it without materialising
+                                                      `scored_logits` (causal LM: chunked over a large vocabulary)
     exposes_hidden_states: bool                       outputs carry hidden_states / attentions over the inputs
     save_pretrained_extras(folder)                    files the export needs beyond model and tokenizer
     per_type_names() -> list[str]                     types scored one by one (`<stage>/f1_<type>`)
@@ -38,10 +42,10 @@ How the tasks to come fit the optional members (signatures checked against the c
 - extractive QA (two heads): `scored_logits` -> rows `stack([start_logits, end_logits], 1).flatten(0, 1)`
   (2B, T) with non-context positions at -inf, counts `2` per example; `per_example_loss` -> mean of the
   start and end cross-entropies per example (B,); `loss_weight` -> B.
-- causal LM (vocabulary logits at supervised positions): `scored_logits` -> rows = the LM head applied
-  to the hidden states of the supervised positions (N, V), counts = supervised tokens per example (B,);
-  `per_example_loss` -> mean cross-entropy over each example's supervised tokens (B,); `loss_weight` ->
-  the number of supervised tokens.
+- causal LM (`tasks.CausalLM`, vocabulary logits at supervised positions): `scored_logits` -> rows = the
+  LM head applied to the hidden states of the supervised positions (N, V), counts = supervised tokens per
+  example (B,); `per_example_loss` -> mean cross-entropy over each example's supervised tokens (B,);
+  `loss_weight` -> the number of supervised tokens; `soft_target_loss` chunks the KL over the vocabulary.
 """
 from __future__ import annotations
 

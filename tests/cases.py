@@ -17,11 +17,11 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
-from datamodules import Seq2SeqDataModule, TextClassificationDataModule, TokenClassificationDataModule
+from datamodules import ChatDataModule, Seq2SeqDataModule, TextClassificationDataModule, TokenClassificationDataModule
 from lightning_modules import Regime, TaskModule
 from lightning_modules.regimes import FGM, PGD, BitFit, Distillation, Freeze, FreeLB, Peft
-from lightning_modules.tasks import Seq2Seq, SequenceClassification, TokenClassification
-from tests.helpers import tiny_marian_config, write_translation_data, write_two_task_data
+from lightning_modules.tasks import CausalLM, Seq2Seq, SequenceClassification, TokenClassification
+from tests.helpers import tiny_llama_config, tiny_marian_config, write_chat_data, write_translation_data, write_two_task_data
 
 
 @dataclass
@@ -33,12 +33,14 @@ class TaskData:
     cls_files: dict[str, str]
     ner_files: dict[str, str]
     translation: dict[str, Any]  # {"files": ..., "tokenizer": folder}
+    chat: dict[str, Any]  # {"files": ..., "tokenizer": folder}: toy shop dialogues, ChatML
 
     @classmethod
     def write(cls, folder: str) -> "TaskData":
         backbone, cls_files, ner_files = write_two_task_data(os.path.join(folder, "bert"), hidden_dropout_prob=0.0,
                                                              attention_probs_dropout_prob=0.0)
-        return cls(backbone, cls_files, ner_files, write_translation_data(os.path.join(folder, "mt")))
+        return cls(backbone, cls_files, ner_files, write_translation_data(os.path.join(folder, "mt")),
+                   write_chat_data(os.path.join(folder, "chat")))
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class TaskCase:
 
 BERT_MODULES = {"attention": ["query", "value"], "ia3": ["key", "value", "output.dense"], "feedforward": ["output.dense"]}
 MARIAN_MODULES = {"attention": ["q_proj", "v_proj"], "ia3": ["k_proj", "v_proj", "fc2"], "feedforward": ["fc2"]}
+LLAMA_MODULES = {"attention": ["q_proj", "v_proj"], "ia3": ["k_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}
 
 TASKS: dict[str, TaskCase] = {
     "seq": TaskCase("seq", SequenceClassification,
@@ -67,6 +70,9 @@ TASKS: dict[str, TaskCase] = {
                                                                     source_column="en", target_column="de", **kw),
                         lambda d: (d.translation["tokenizer"], tiny_marian_config()), MARIAN_MODULES, None,
                         r"\.encoder\.layers\.{i}\."),
+    "causal": TaskCase("causal", lambda: CausalLM(num_generations=2, max_new_tokens=8),
+                       lambda d, backbone, **kw: ChatDataModule(tokenizer=backbone, data_files=d.chat["files"], max_length=96, **kw),
+                       lambda d: (d.chat["tokenizer"], tiny_llama_config(attention_bias=True, mlp_bias=True)), LLAMA_MODULES, None, r"\.layers\.{i}\."),
 }
 
 
@@ -181,7 +187,7 @@ def _peft(peft_type: str, **config) -> Callable[[TaskCase, str], list[Regime]]:
 def _distill(case: TaskCase, teacher: str) -> Distillation:
     # feature losses where the task's outputs carry hidden states over the input (not seq2seq)
     return Distillation(teacher=teacher, alpha=0.7, temperature=2.0,
-                        hidden_weight=0.5 if case.task.exposes_hidden_states else 0.0)
+                        hidden_weight=0.5 if case.task().exposes_hidden_states else 0.0)
 
 
 REGIMES: dict[str, RegimeCase] = {

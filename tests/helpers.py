@@ -197,3 +197,61 @@ def write_translation_data(folder: str, n_train: int = 200, n_val: int = 31, n_t
     tokenizer = os.path.join(folder, "tokenizer")
     train_tokenizer([r["en"] for r in train] + [r["de"] for r in train], tokenizer, vocab_size=300, min_frequency=1)
     return {"files": files, "tokenizer": tokenizer}
+
+
+# ---------------------------------------------------------------- chat (causal LM)
+PRODUCTS = {"apple": "two", "bread": "three", "cheese": "five", "milk": "one", "tea": "four", "rice": "six"}
+CHAT_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+
+
+def toy_conversations(n: int, seed: int, max_exchanges: int = 3) -> list[dict]:
+    """Learnable shop dialogues in the common chat format: the price of each product is fixed, so the
+    assistant's replies follow from the user's questions."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        messages = []
+        for _ in range(rng.randint(1, max_exchanges)):
+            item = rng.choice(sorted(PRODUCTS))
+            messages.append({"role": "user", "content": f"how much is the {item} ?"})
+            messages.append({"role": "assistant", "content": f"the {item} costs {PRODUCTS[item]} dollars ."})
+        rows.append({"messages": messages})
+    return rows
+
+
+def write_chat_tokenizer(folder: str) -> str:
+    """A byte-level BPE tokenizer over the toy dialogues, with ChatML's turn markers and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from datamodules.chat import CHATML_TEMPLATE
+
+    os.makedirs(folder, exist_ok=True)
+    texts = [m["content"] for r in toy_conversations(300, seed=99) for m in r["messages"]]
+    texts += ["user", "assistant", "system", "You are a shop assistant .", "hello world", "\n"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, min_frequency=1, special_tokens=CHAT_SPECIALS,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(folder)
+    return folder
+
+
+def tiny_llama_config(**overrides) -> dict:
+    """A 2-layer, width-32 Llama; vocabulary and special ids come from the tokenizer."""
+    cfg = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, attention_dropout=0.0)
+    cfg.update(overrides)
+    return cfg
+
+
+def write_chat_data(folder: str, n_train: int = 64, n_val: int = 9, n_test: int = 8) -> dict:
+    """Toy dialogue splits (jsonl) and the chat tokenizer."""
+    files = {"train": write_jsonl(os.path.join(folder, "train.jsonl"), toy_conversations(n_train, seed=0)),
+             "validation": write_jsonl(os.path.join(folder, "validation.jsonl"), toy_conversations(n_val, seed=1)),
+             "test": write_jsonl(os.path.join(folder, "test.jsonl"), toy_conversations(n_test, seed=2))}
+    return {"files": files, "tokenizer": write_chat_tokenizer(os.path.join(folder, "tokenizer"))}

@@ -256,7 +256,11 @@ class Distillation(Regime):
             logs = dict(out.logs)
             logs["loss_hard"] = out.loss.detach()
             loss = out.loss
-            if self.alpha:
+            if self.alpha and teacher is not None and hasattr(task, "soft_target_loss"):  # the task chunks it (LM vocabularies)
+                soft = task.soft_target_loss(out.outputs, teacher, batch, self.temperature)
+                loss = (1 - self.alpha) * loss + self.alpha * soft
+                logs["loss_soft"] = soft.detach()
+            elif self.alpha:
                 student_rows, _ = task.scored_logits(out.outputs, batch)
                 teacher_rows = task.scored_logits(teacher, batch)[0] if teacher is not None else \
                     torch.cat([self._cache[i] for i in batch["index"].tolist()]).to(student_rows.device)

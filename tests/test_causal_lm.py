@@ -1,0 +1,393 @@
+"""Causal language models: supervision masks, the gathered chunked loss, packing, truncation, template
+checks, generation, perplexity (also under DDP), export + pipeline, resume, `finetune chat`, bad input."""
+import json
+import os
+import signal
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datamodules import ChatDataModule
+from datamodules.chat import TemplateError, pack_rows, render_conversation
+from datamodules.loading import DataError
+from lightning_modules import TaskModule
+from lightning_modules.tasks import CausalLM
+from lightning_modules.tasks.causal_lm import chunked_token_losses
+from tests.helpers import PRODUCTS, tiny_llama_config, toy_conversations, write_jsonl
+from tests.test_resume_ddp import _callbacks, _read
+from tests.utils import ROOT, make_trainer, run_cli
+
+CONVERSATION = [{"role": "system", "content": "You are a shop assistant ."},
+                {"role": "user", "content": "how much is the tea ?"},
+                {"role": "assistant", "content": "the tea costs four dollars ."},
+                {"role": "user", "content": "how much is the milk ?"},
+                {"role": "assistant", "content": "the milk costs one dollars ."}]
+
+
+@pytest.fixture(scope="module")
+def chat(task_data):
+    return task_data.chat
+
+
+def make_dm(chat, **kw):
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("max_length", 96)
+    return ChatDataModule(tokenizer=chat["tokenizer"], data_files=kw.pop("files", chat["files"]), **kw)
+
+
+def make_module(chat, dm, task=None, config=None, seed=0, **kw):
+    L.seed_everything(seed)
+    module = TaskModule(task or CausalLM(num_generations=4, max_new_tokens=12), backbone=chat["tokenizer"],
+                        backbone_config=config or tiny_llama_config(), lr=kw.pop("lr", 1e-2), **kw)
+    module.build(dm.data_info)
+    return module
+
+
+def supervised_text(dm, row):
+    tok = dm.tokenizer
+    return [tok.decode([i]) for i, label in zip(row["input_ids"], row["labels"]) if label != -100]
+
+
+# ---------------------------------------------------------------- labels and templates
+@pytest.mark.parametrize("supervise", ["assistant", "last", "all"])
+def test_labels_are_minus_100_outside_the_supervised_tokens(chat, tmp_path, supervise):
+    files = {"train": write_jsonl(str(tmp_path / "t.jsonl"), [{"messages": CONVERSATION}] * 4),
+             "validation": write_jsonl(str(tmp_path / "v.jsonl"), [{"messages": CONVERSATION}])}
+    dm = make_dm(chat, files=files, supervise=supervise)
+    dm.setup("fit")
+    row = dm.encoded("train")[0]
+    tok = dm.tokenizer
+    text = "".join(supervised_text(dm, row))
+    first, last = "the tea costs four dollars .<|im_end|>\n", "the milk costs one dollars .<|im_end|>\n"
+    if supervise == "assistant":
+        assert text == first + last
+    elif supervise == "last":
+        assert text == last
+    else:  # every token but the first, which nothing predicts
+        assert text == tok.decode(row["input_ids"][1:])
+    assert row["labels"][0] == -100
+
+
+def test_training_and_generation_prompts_render_to_the_same_ids(chat):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat["tokenizer"])
+    rendered = render_conversation(tok, CONVERSATION, None)
+    for k, (start, end) in zip(rendered["turns"], rendered["spans"]):
+        prompt = tok.apply_chat_template(CONVERSATION[:k], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        assert rendered["ids"][:start] == prompt  # what inference is prompted with is what training saw
+        assert tok.decode(rendered["ids"][start:end]) == CONVERSATION[k]["content"] + "<|im_end|>\n"
+
+
+def test_a_template_that_cannot_mark_assistant_tokens_is_refused(chat, tmp_path):
+    # the generation prompt says "assistant:" but turns are rendered as "bot:": no prefix relation
+    skewed = ("{% for m in messages %}{{ ('bot' if m['role'] == 'assistant' else m['role']) + ': ' + m['content'] + '\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    dm = make_dm(chat, chat_template=skewed)
+    with pytest.raises(TemplateError, match=r"line 1 of .*cannot mark the assistant.s tokens"):
+        dm.setup("fit")
+
+
+# ---------------------------------------------------------------- the loss
+def test_gathered_chunked_loss_equals_the_full_logits_loss_float64(chat):
+    dm = make_dm(chat)
+    dm.setup("fit")
+    for smoothing in (0.0, 0.1):
+        module = make_module(chat, dm, task=CausalLM(label_smoothing=smoothing, loss_chunk_size=7))
+        model = module.model.double()
+        rows = sorted(dm.encoded("train"), key=lambda r: r["length"])
+        batch = dm.collator()([rows[0], rows[len(rows) // 2], rows[-1], rows[1]])
+        assert (batch["attention_mask"] == 0).any()  # padding is part of the test
+        out = module.task.forward(model, batch)
+        chunked = module.task.loss(out, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        full = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100,
+                               label_smoothing=smoothing)
+        assert chunked.dtype == torch.float64 or chunked.dtype == torch.float32
+        assert abs(chunked.item() - full.item()) < 1e-6
+        grads = torch.autograd.grad(chunked, [p for p in model.parameters() if p.requires_grad])
+        reference = torch.autograd.grad(full, [p for p in model.parameters() if p.requires_grad])
+        assert max((a - b).abs().max().item() for a, b in zip(grads, reference)) < 1e-6
+
+
+def test_the_chunked_loss_never_builds_more_than_one_chunk_of_logits():
+    seen = []
+
+    def head(h):
+        seen.append(h.shape[0])
+        return h @ torch.ones(4, 1000, dtype=h.dtype)
+
+    hidden = torch.randn(50, 4, requires_grad=True)
+    losses = chunked_token_losses(hidden, torch.randint(0, 1000, (50,)), head, vocab=1000, chunk_size=8)
+    losses.sum().backward()
+    assert max(seen) == 8 and len(losses) == 50  # forward and the recomputation in backward: chunks only
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_packed_rows_give_the_same_loss_as_unpacked_rows(chat, model_type):
+    dm = make_dm(chat)
+    dm.setup("fit")
+    config = tiny_llama_config() if model_type == "llama" else dict(
+        model_type="gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=4, query_pre_attn_scalar=8,
+        layer_types=["sliding_attention", "full_attention"])
+    module = make_module(chat, dm, config=config)
+    model = module.model.double()
+    rows = [dm.encoded("train")[i] for i in range(6)]
+    single = dm.collator()(rows)
+    out = module.task.forward(model, single)
+    unpacked, _ = module.task.token_losses(out, single)
+    from datasets import Dataset
+
+    packed_ds = pack_rows(Dataset.from_list([{k: r[k] for k in ("input_ids", "labels", "index", "length")} for r in rows]),
+                          max_length=400, seed=0)
+    assert len(packed_ds) < len(rows)  # conversations really share rows
+    packed = dm.collator()([packed_ds[i] for i in range(len(packed_ds))])
+    assert "attention_mask" not in packed and "position_ids" in packed
+    losses, _ = module.task.token_losses(module.task.forward(model, packed), packed)
+    assert len(losses) == len(unpacked)
+    assert abs(losses.sum().item() - unpacked.sum().item()) < 1e-8
+
+
+def test_training_packs_rows_and_still_learns(chat):
+    dm = make_dm(chat, packing=True, max_length=128)
+    dm.setup("fit")
+    assert len(dm.encoded("train")) < 64 and "position_ids" in dm.encoded("train").column_names
+    module = make_module(chat, dm)
+    trainer = make_trainer("/tmp", max_epochs=10, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    assert float(trainer.callback_metrics["val/perplexity"]) < 4.0  # from about 400 (the vocabulary) untrained
+
+
+# ---------------------------------------------------------------- truncation
+def test_truncation_drops_the_oldest_turns_never_the_supervised_one_and_counts(chat, tmp_path):
+    long = []
+    for item in ["tea", "milk", "rice", "apple", "bread", "cheese"] * 2:
+        long += [{"role": "user", "content": f"how much is the {item} ?"},
+                 {"role": "assistant", "content": f"the {item} costs {PRODUCTS[item]} dollars ."}]
+    rows = [{"messages": long}, {"messages": CONVERSATION[1:3]}]
+    files = {"train": write_jsonl(str(tmp_path / "t.jsonl"), rows), "validation": write_jsonl(str(tmp_path / "v.jsonl"), rows)}
+    dm = make_dm(chat, files=files, max_length=64, supervise="last")
+    dm.setup("fit")
+    row = dm.encoded("train")[0]
+    assert len(row["input_ids"]) <= 64
+    assert "".join(supervised_text(dm, row)) == "the cheese costs five dollars .<|im_end|>\n"  # the last turn, whole
+    text = dm.tokenizer.decode(row["input_ids"])
+    assert text.startswith("<|im_start|>user\n")  # cut at a turn boundary
+    counts = dm.truncated["train"]
+    assert counts["shortened"] == 1 and counts["dropped_turns"] == 24 - len(text.split("<|im_start|>")[1:])
+    assert counts["too_long"] == 0
+
+
+def test_a_conversation_whose_last_exchange_is_too_long_is_dropped_and_counted(chat, tmp_path):
+    huge = [{"role": "user", "content": "how much is the tea ? " * 40}, {"role": "assistant", "content": "four ."}]
+    rows = [{"messages": huge}] + toy_conversations(5, seed=3)
+    files = {"train": write_jsonl(str(tmp_path / "t.jsonl"), rows), "validation": write_jsonl(str(tmp_path / "v.jsonl"), rows)}
+    dm = make_dm(chat, files=files, max_length=64)
+    dm.setup("fit")
+    assert dm.truncated["train"]["too_long"] == 1 and len(dm.encoded("train")) == 5
+
+
+# ---------------------------------------------------------------- learning, generation, perplexity
+@pytest.fixture(scope="module")
+def overfit(chat, tmp_path_factory):
+    """A tiny model trained until it knows the prices."""
+    dm = make_dm(chat, batch_size=8)
+    dm.setup("fit")
+    module = make_module(chat, dm, config=tiny_llama_config(hidden_size=64, intermediate_size=128), lr=3e-3,
+                         task=CausalLM(num_generations=9, max_new_tokens=12))
+    trainer = make_trainer(tmp_path_factory.mktemp("overfit"), max_epochs=40, num_sanity_val_steps=0,
+                           check_val_every_n_epoch=40)
+    trainer.fit(module, datamodule=dm)
+    return module, dm, trainer
+
+
+def test_a_tiny_model_overfits_and_greedy_generation_reproduces_the_replies(overfit):
+    module, dm, trainer = overfit
+    assert float(trainer.callback_metrics["val/perplexity"]) < 1.3
+    samples = module.task.eval_samples()
+    assert samples and all(s["hypothesis"] == s["reference"] for s in samples), samples
+    assert float(trainer.callback_metrics["val/bleu"]) > 90
+
+
+def test_perplexity_is_exp_of_the_token_weighted_nll(overfit):
+    module, dm, _ = overfit
+    trainer = make_trainer("/tmp")
+    metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    total, tokens = 0.0, 0
+    module.model.eval()
+    with torch.no_grad():
+        for i in range(len(dm.encoded("validation"))):  # one conversation at a time: no batching effects
+            batch = dm.collator()([dm.encoded("validation")[i]])
+            losses, _ = module.task.token_losses(module.task.forward(module.model, batch), batch, label_smoothing=0.0)
+            total, tokens = total + losses.double().sum().item(), tokens + len(losses)
+    assert metrics["val/nll"] == pytest.approx(total / tokens, rel=1e-5)
+    assert metrics["val/perplexity"] == pytest.approx(torch.tensor(total / tokens).exp().item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- through the CLI
+def chat_config(tmp_path, chat, name="chat.yaml", **overrides):
+    import yaml
+
+    cfg = {"seed_everything": 0,
+           "model": {"backbone": chat["tokenizer"], "backbone_config": tiny_llama_config(hidden_size=64, intermediate_size=128),
+                     "task": {"class_path": "lightning_modules.tasks.CausalLM",
+                              "init_args": {"num_generations": 9, "max_new_tokens": 12}}, "lr": 3e-3},
+           "data": {"class_path": "datamodules.ChatDataModule",
+                    "init_args": {"data_files": dict(chat["files"]), "batch_size": 8, "max_length": 96,
+                                  "system_prompt": "You are a shop assistant ."}},
+           "trainer": {"accelerator": "cpu", "max_epochs": 40, "check_val_every_n_epoch": 20, "enable_progress_bar": False,
+                       "enable_model_summary": False, "log_every_n_steps": 4, "logger": False}}
+    for key, value in overrides.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = os.path.join(str(tmp_path), name)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_run(chat, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chat_cli")
+    cfg = chat_config(tmp, chat)
+    run_cli(["fit", "-c", cfg, "--run_root", str(tmp / "runs"), "--experiment", "shop"], cwd=tmp)
+    return tmp, cfg, tmp / "runs" / "shop" / "version_0"
+
+
+def test_the_pipeline_loads_the_export_and_answers_like_finetune_predict(cli_run):
+    from transformers import pipeline
+
+    tmp, cfg, run = cli_run
+    conversations = [{"messages": [{"role": "user", "content": f"how much is the {item} ?"}]} for item in ("tea", "rice", "milk")]
+    conversations.append({"messages": [{"role": "user", "content": "how much is the tea ?"},
+                                       {"role": "assistant", "content": "the tea costs four dollars ."},
+                                       {"role": "user", "content": "how much is the bread ?"}]})
+    predict_file = write_jsonl(str(tmp / "predict.jsonl"), conversations)
+    run_cli(["predict", "-c", cfg, "--run_root", str(tmp / "runs"), "--experiment", "shop_predict",
+             "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--data.predict_file", predict_file,
+             "--export.use_best", "false"], cwd=tmp)
+    predictions = _read(tmp / "runs" / "shop_predict" / "version_0" / "predictions.jsonl")
+    assert [p["index"] for p in predictions] == [0, 1, 2, 3]
+    generator = pipeline("text-generation", model=str(run / "export"))
+    for conv, pred in zip(conversations, predictions):
+        messages = [{"role": "system", "content": "You are a shop assistant ."}] + conv["messages"]
+        answer = generator(messages)[0]["generated_text"][-1]
+        assert answer["role"] == "assistant" and answer["content"].strip() == pred["prediction"]
+    assert predictions[1]["prediction"] == "the rice costs six dollars ."  # and it learned
+
+
+def test_finetune_chat_answers_piped_input_with_history_and_reset(cli_run):
+    tmp, cfg, run = cli_run
+    script = "how much is the tea ?\nhow much is the cheese ?\n/reset\nhow much is the milk ?\n/exit\nhow much is the rice ?\n"
+    import subprocess
+    import sys
+
+    for source in (["--ckpt_path", str(run / "checkpoints" / "last.ckpt")], ["--export", str(run / "export")]):
+        proc = subprocess.run([sys.executable, "-m", "finetune_lab.cli", "chat", *source], input=script, text=True,
+                              capture_output=True, cwd=tmp, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        replies = [line for line in proc.stdout.splitlines() if line.startswith("assistant> ")]
+        assert replies == ["assistant> the tea costs four dollars .", "assistant> the cheese costs five dollars .",
+                           "assistant> the milk costs one dollars ."]  # nothing after /exit
+        assert "(conversation reset)" in proc.stdout
+
+
+def test_sigkill_then_resume_last_equals_uninterrupted(chat, tmp_path):
+    cfg = chat_config(tmp_path, chat, **{"trainer.max_epochs": 2, "trainer.check_val_every_n_epoch": 1,
+                                         "checkpoint.every_n_train_steps": 3,
+                                         "model.task.init_args.num_generations": 2})
+    runs = str(tmp_path / "runs")
+    full_log, killed_log, resumed_log = (str(tmp_path / f"{n}.jsonl") for n in ("full", "killed", "resumed"))
+    run_cli(["fit", "-c", cfg, "--run_root", runs, "--experiment", "full",
+             "--trainer.callbacks+", json.dumps(_callbacks(("RecordBatches", {"path": full_log}))[0])], cwd=tmp_path)
+    killed = run_cli(["fit", "-c", cfg, "--run_root", runs, "--experiment", "killed",
+                      "--trainer.callbacks+", json.dumps(_callbacks(("RecordBatches", {"path": killed_log}))[0]),
+                      "--trainer.callbacks+", json.dumps(_callbacks(("KillAt", {"step": 11}))[0])], cwd=tmp_path, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    run_cli(["fit", "-c", cfg, "--run_root", runs, "--experiment", "killed", "--ckpt_path", "last",
+             "--trainer.callbacks+", json.dumps(_callbacks(("RecordBatches", {"path": resumed_log}))[0])], cwd=tmp_path)
+    resumed = _read(resumed_log)
+    assert resumed[0][0] == 9  # the last step save before the kill
+    assert [b for b in _read(killed_log) if b[0] < 9] + resumed == _read(full_log)
+    finals = [json.load(open(os.path.join(runs, exp, f"version_{v}", "final_metrics.json"))) for exp, v in (("full", 0), ("killed", 1))]
+    for key in ("val/loss", "val/perplexity", "val/bleu"):
+        assert finals[0][key] == finals[1][key], key
+
+
+def test_ddp_perplexity_equals_single_process_with_an_odd_number_of_conversations(cli_run, chat):
+    tmp, cfg, run = cli_run
+    assert len(_read(chat["files"]["validation"])) % 2 == 1
+    results = {}
+    for devices in (1, 2):
+        run_cli(["validate", "-c", cfg, "--run_root", str(tmp / "runs"), "--experiment", f"val{devices}",
+                 "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
+                 "--ckpt_path", str(run / "checkpoints" / "last.ckpt")], cwd=tmp)
+        with open(tmp / "runs" / f"val{devices}" / "version_0" / "metrics_validate.json") as f:
+            results[devices] = json.load(f)
+    for key in ("val/perplexity", "val/nll", "val/loss", "val/bleu", "val/chrf", "val/rougeL"):
+        assert results[1][key] == pytest.approx(results[2][key], rel=1e-6), key
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("rows,expected", [
+    ([{"text": "hello"}], "messages_column='messages' is not a column"),
+    ([{"messages": [{"role": "customer", "content": "hi"}, {"role": "assistant", "content": "hello"}]}],
+     r"line 1 of .*unknown role 'customer'.*data.role_map"),
+    ([{"messages": [{"role": "user", "content": "hi"}]}], r"line 1 of .*no assistant turn"),
+    ([{"messages": "hi"}], "not a list of turns"),
+    ([{"messages": [{"speaker": "user", "content": "hi"}]}], "data.role_key"),
+])
+def test_bad_conversations_are_clear_errors(chat, tmp_path, rows, expected):
+    files = {"train": write_jsonl(str(tmp_path / "t.jsonl"), rows), "validation": write_jsonl(str(tmp_path / "v.jsonl"), rows)}
+    with pytest.raises(DataError, match=expected):
+        make_dm(chat, files=files).setup("fit")
+
+
+def test_an_empty_file_and_a_tokenizer_without_template_are_clear_errors(chat, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        make_dm(chat, files={"train": str(empty)}).setup("fit")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat["tokenizer"])
+    tok.chat_template = None
+    tok.save_pretrained(str(tmp_path / "plain"))
+    with pytest.raises(TemplateError, match="no chat template.*data.chat_template"):
+        ChatDataModule(tokenizer=str(tmp_path / "plain"), data_files=chat["files"]).setup("fit")
+    ChatDataModule(tokenizer=str(tmp_path / "plain"), data_files=chat["files"], chat_template="chatml").setup("fit")
+
+
+def test_field_mapping_turns_sgd_style_dialogues_into_chat(chat, tmp_path):
+    rows = [{"services": ["Shop_1", "Shop_2"], "turns": [{"speaker": "USER", "utterance": "how much is the tea ?"},
+                                                         {"speaker": "SYSTEM", "utterance": "the tea costs four dollars ."}]}]
+    files = {"train": write_jsonl(str(tmp_path / "t.jsonl"), rows * 3), "validation": write_jsonl(str(tmp_path / "v.jsonl"), rows)}
+    dm = make_dm(chat, files=files, messages_column="turns", role_key="speaker", content_key="utterance",
+                 role_map={"USER": "user", "SYSTEM": "assistant"}, system_prompt="You help with {services} .")
+    dm.setup("fit")
+    text = dm.tokenizer.decode(dm.encoded("train")[0]["input_ids"])
+    assert text.startswith("<|im_start|>system\nYou help with Shop_1, Shop_2 .<|im_end|>\n<|im_start|>user\nhow much")
+    assert "".join(supervised_text(dm, dm.encoded("train")[0])) == "the tea costs four dollars .<|im_end|>\n"
+    assert dm.data_info.system_prompt == "You help with {services} ."
+
+
+def test_instruction_columns_and_raw_text(chat, tmp_path):
+    rows = [{"instruction": "price of tea", "input": "in dollars", "output": "four"}] * 3
+    files = {"train": write_jsonl(str(tmp_path / "i.jsonl"), rows), "validation": write_jsonl(str(tmp_path / "iv.jsonl"), rows)}
+    dm = make_dm(chat, files=files, prompt_column="instruction", input_column="input", response_column="output")
+    dm.setup("fit")
+    assert "price of tea\n\nin dollars" in dm.tokenizer.decode(dm.encoded("train")[0]["input_ids"])
+    text_rows = [{"text": "the tea costs four dollars . " * 30}, {"text": ""}, {"text": "hello world"}]
+    files = {"train": write_jsonl(str(tmp_path / "r.jsonl"), text_rows), "validation": write_jsonl(str(tmp_path / "rv.jsonl"), text_rows)}
+    dm = make_dm(chat, files=files, text_column="text", max_length=32)
+    dm.setup("fit")
+    lengths = dm.encoded("train")["length"]
+    assert max(lengths) <= 32 and len(lengths) > 2 and dm.truncated["train"]["empty"] == 1
+    assert all(label != -100 for row in dm.encoded("train") for label in row["labels"][1:])
