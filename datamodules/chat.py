@@ -18,8 +18,11 @@ not hold cannot mark assistant tokens: the error says so, naming the turn.
 """
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import random
+import re
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -28,11 +31,12 @@ from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.base import TaskDataModule
-from datamodules.loading import DataError, check_columns, column_values
+from datamodules.loading import DataError, check_columns, check_utf8, column_values, file_format
 from finetune_lab.data_info import DataInfo
 from finetune_lab.hub import GEMMA_CHAT_TEMPLATE
 
 ROLES = ("system", "user", "assistant")
+LINE = "__line__"  # the file line of a row read from JSON lines (for error messages)
 CHATML_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -122,7 +126,7 @@ def encode_conversations(batch: dict[str, list], indices: list[int], tokenizer, 
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_length", "reference", "prompt_text", "index",
                                             "length", "dropped_turns", "too_long", "full_length")}
     for row, index in zip(rows, indices):
-        where = f"{split} example {index} ({origin.format(line=index + 1)})"
+        where = f"{split} example {index} ({origin.format(line=row.get(LINE, index + 1))})"
         messages = to_messages(row, where)
         if with_labels:
             if not any(m["role"] == "assistant" for m in messages):
@@ -210,9 +214,10 @@ def encode_texts(batch: dict[str, list], indices: list[int], tokenizer, column: 
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_length", "reference", "prompt_text", "index",
                                             "length", "dropped_turns", "too_long", "full_length")}
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for text, index in zip(batch[column], indices):
+    lines = batch.get(LINE) or [i + 1 for i in indices]
+    for text, index, line in zip(batch[column], indices, lines):
         if not isinstance(text, str):
-            raise DataError(f"{split} example {index} ({origin.format(line=index + 1)}): column '{column}' holds {text!r}, not text.")
+            raise DataError(f"{split} example {index} ({origin.format(line=line)}): column '{column}' holds {text!r}, not text.")
         if not text.strip():  # blank lines of a corpus (wikitext has many): a row of length 0, removed and counted
             for k, v in (("input_ids", []), ("labels", []), ("prompt_length", 0), ("reference", None), ("prompt_text", ""),
                          ("index", index), ("length", 0), ("dropped_turns", 0), ("too_long", False), ("full_length", 0)):
@@ -380,11 +385,46 @@ class ChatDataModule(TaskDataModule):
             return {"prompt_column": hp.prompt_column, "response_column": hp.response_column, "input_column": hp.input_column}
         return {"messages_column": hp.messages_column}
 
+    def _needed_columns(self) -> set[str]:
+        names = {c for c in self._columns().values() if c}
+        return names | set(re.findall(r"{(\w+)}", self.hparams.system_prompt or ""))
+
     def read_local(self, split: str, path: str) -> Dataset:
-        carved = split == "train" and "validation" not in (self.hparams.data_files or {})
-        if not carved:  # rows keep their file positions (a carved train split is a shuffled subset)
-            self.origins[split] = path
-        return super().read_local(split, path)
+        """JSON lines (plain or gzipped) are read here, keeping only the columns (and turn keys) the config
+        uses: dialogue corpora carry annotations whose types vary between rows (SGD's frame intents), which
+        Arrow's schema inference over the whole file would refuse. Each row keeps its line number for errors."""
+        path = os.path.expanduser(path)
+        if file_format(path) != ".jsonl" or not os.path.isfile(path) or os.path.getsize(path) == 0:
+            return super().read_local(split, path)
+        hp = self.hparams
+        needed, turn_keys = self._needed_columns(), {hp.role_key, hp.content_key}
+        rows: list[dict[str, Any]] = []
+        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            try:
+                for lineno, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{lineno}: not valid JSON at column {e.colno} ({e.msg}); every line of a "
+                                        ".jsonl file must be one JSON object.") from None
+                    if not isinstance(obj, dict):
+                        raise DataError(f"{path}:{lineno}: a JSON {type(obj).__name__}, not an object.")
+                    row = {k: v for k, v in obj.items() if k in needed}
+                    turns = row.get(hp.messages_column)
+                    if self.mode == "messages" and isinstance(turns, list):
+                        row[hp.messages_column] = [{k: v for k, v in t.items() if k in turn_keys} if isinstance(t, dict)
+                                                   else t for t in turns]
+                    row[LINE] = lineno
+                    rows.append(row)
+            except UnicodeDecodeError:
+                check_utf8(path)  # names the line and column
+                raise
+        if not rows:
+            raise DataError(f"data_files.{split}: '{path}' has no rows.")
+        self.origins[split] = path
+        return self.normalise(split, Dataset.from_list(rows), path)
 
     def check_split(self, split: str, ds: Dataset) -> None:
         check_columns(ds, split, self._columns())
@@ -447,7 +487,7 @@ class ChatDataModule(TaskDataModule):
 
     def _origin(self, split: str) -> str:
         path = self.origins.get(split)
-        if path and path.lower().endswith((".jsonl", ".jsonl.gz")):
+        if path and file_format(path) == ".jsonl":
             return f"line {{line}} of {path}"
         return f"0-based row of {path}" if path else "0-based position in the split"
 

@@ -213,11 +213,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
     make the same tokenizer hash differently before and after its first use. The chat template is not part
     of it: the data's encoding key and checkpoints record the template separately."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        content = json.loads(backend.to_str())
-        content.pop("truncation", None)
-        content.pop("padding", None)
+    if backend is not None:  # the serialised tokenizer with truncation and padding off (restored after)
+        truncation, padding = backend.truncation, backend.padding
+        backend.no_truncation()
+        backend.no_padding()
+        try:
+            text = backend.to_str()
+        finally:
+            if truncation is not None:
+                backend.enable_truncation(**truncation)
+            if padding is not None:
+                backend.enable_padding(**padding)
     else:
-        content = [sorted(tokenizer.get_vocab().items()), sorted(map(str, tokenizer.init_kwargs.items()))]
-    text = json.dumps([type(tokenizer).__name__, content], sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        text = json.dumps([sorted(tokenizer.get_vocab().items()), sorted(map(str, tokenizer.init_kwargs.items()))],
+                          ensure_ascii=False, default=str)
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{text}".encode("utf-8")).hexdigest()[:16]

@@ -360,8 +360,9 @@ class TaskModule(L.LightningModule):
         """What a checkpoint of this module must agree with to be loaded into it (see `checkpoint_identity_mismatches`)."""
         model = self._require_model()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if self._tokenizer_fingerprint is None:
-            self._tokenizer_fingerprint = tokenizer_fingerprint(self.backbone.tokenizer())
+        if self._tokenizer_fingerprint is None:  # the task's copy when it keeps one (a 262k vocabulary loads in seconds)
+            tokenizer = getattr(self.task, "tokenizer", None) or self.backbone.tokenizer()
+            self._tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         return {"task": type(self.task).__name__, "backbone": self.backbone.name, "tokenizer": self._tokenizer_fingerprint,
                 "architecture": architecture(base.config.to_dict()), "regimes": [type(r).__name__ for r in self.regimes]}
 

@@ -391,3 +391,62 @@ def test_instruction_columns_and_raw_text(chat, tmp_path):
     lengths = dm.encoded("train")["length"]
     assert max(lengths) <= 32 and len(lengths) > 2 and dm.truncated["train"]["empty"] == 1
     assert all(label != -100 for row in dm.encoded("train") for label in row["labels"][1:])
+
+
+# ---------------------------------------------------------------- the real offline LLM
+@pytest.mark.slow
+def test_gemma3_270m_alias_renders_gemma_turns_trains_a_lora_step_and_answers(tmp_path):
+    """The offline Gemma 3 270M (converted once from its GGUF into the cache): Gemma's turn format with the
+    supervised span checked against the generation prompt, a LoRA step that lowers the loss of its batch,
+    and a greedy reply that stops at <end_of_turn>."""
+    from finetune_lab.hub import resolve_backbone
+    from lightning_modules.regimes import Peft
+
+    folder = resolve_backbone("gemma3-270m")
+    assert os.path.isfile(os.path.join(folder, "model.safetensors"))
+    rows = [{"messages": [{"role": "system", "content": "You are a shop assistant."},
+                          {"role": "user", "content": "How much is the tea?"},
+                          {"role": "assistant", "content": "The tea costs four dollars."}]}] * 2
+    files = {"train": write_jsonl(str(tmp_path / "t.jsonl"), rows), "validation": write_jsonl(str(tmp_path / "v.jsonl"), rows)}
+    dm = ChatDataModule(tokenizer="gemma3-270m", data_files=files, batch_size=2, max_length=64)
+    dm.setup("fit")
+    row = dm.encoded("train")[0]
+    tok = dm.tokenizer
+    assert tok.decode(row["input_ids"]).startswith("<bos><start_of_turn>user\nYou are a shop assistant.\n\nHow much is the tea?"
+                                                   "<end_of_turn>\n<start_of_turn>model\n")
+    assert "".join(supervised_text(dm, row)) == "The tea costs four dollars.<end_of_turn>\n"
+    L.seed_everything(0)
+    module = TaskModule(CausalLM(num_generations=1, max_new_tokens=8), backbone="gemma3-270m", lr=1e-3,
+                        regimes=[Peft("LORA", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})])
+    module.build(dm.data_info)
+    assert module.task.stop_ids == [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+    batch = dm.collator()([row, row])
+    optimizer = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(3):
+        loss = module.task.loss(module.task.forward(module.model, batch), batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    out = module.task.evaluate(module.model.eval(), batch)
+    assert out.sequences.shape[1] <= 8 and out.generated == [0, 1]
+
+
+def test_the_fused_head_loss_equals_autograd_with_bias_softcap_and_smoothing():
+    from lightning_modules.tasks.causal_lm import fused_linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=True).double()
+    hidden = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (13,))
+    for smoothing, cap in ((0.0, None), (0.1, 3.0)):
+        fused = fused_linear_cross_entropy_sum(hidden, targets, head, vocab=50, chunk_size=4, label_smoothing=smoothing, softcap=cap)
+        grads = torch.autograd.grad(fused * 0.7, [hidden, head.weight, head.bias])
+        logits = head(hidden)
+        logits = torch.tanh(logits / cap) * cap if cap else logits
+        plain = F.cross_entropy(logits, targets, reduction="sum", label_smoothing=smoothing)
+        reference = torch.autograd.grad(plain * 0.7, [hidden, head.weight, head.bias])
+        assert abs(fused.item() - plain.item()) < 1e-10
+        assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads, reference))

@@ -38,6 +38,8 @@ class CausalLMOutput:
 
     hidden: Tensor  # (B, T, H), after the model's final norm
     head: Callable[[Tensor], Tensor]
+    lm_head: nn.Module | None = None  # the module behind `head` (the fused loss takes a plain nn.Linear's weights)
+    softcap: float | None = None  # the final logit soft-capping `head` applies (Gemma 2), for the fused loss
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
     sequences: Tensor | None = None  # generated continuations (new tokens only), one row per generated example
@@ -61,7 +63,9 @@ def chunked_token_losses(hidden: Tensor, targets: Tensor, head: Callable[[Tensor
     size = chunk_rows(len(hidden), vocab, chunk_size)
 
     def chunk_loss(h: Tensor, t: Tensor) -> Tensor:
-        return F.cross_entropy(head(h).float(), t, reduction="none", label_smoothing=label_smoothing)
+        logits = head(h)
+        return F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), t, reduction="none",
+                               label_smoothing=label_smoothing)
 
     parts = []
     for start in range(0, len(hidden), size):
@@ -71,6 +75,75 @@ def chunked_token_losses(hidden: Tensor, targets: Tensor, head: Callable[[Tensor
         else:
             parts.append(chunk_loss(h, t))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Sum of the cross-entropies of `hidden @ weight.T (+ bias)` (optionally soft-capped) against `targets`,
+    chunk by chunk, with the gradients computed in the same pass (the logits' gradient is softmax - target,
+    known as soon as the chunk's softmax is): the head's matmul runs twice per row (logits, then the
+    hidden-state gradient; three times when the head itself trains) instead of four times with
+    recomputation in the backward pass. The output is a scalar sum, so its upstream gradient is one number
+    and the stored gradients only need scaling."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, smoothing, softcap):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        total = hidden.new_zeros((), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+        for start in range(0, len(hidden), chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            z = F.linear(h, weight, bias)
+            z = z if z.dtype == torch.float64 else z.float()
+            capped = None
+            if softcap:
+                capped = torch.tanh(z / softcap)
+                z = capped * softcap
+            logp = torch.log_softmax(z, -1)
+            nll = -logp.gather(1, t[:, None]).squeeze(1)
+            loss = (1 - smoothing) * nll - smoothing * logp.mean(-1) if smoothing else nll
+            total += loss.sum()
+            if need_h or need_w or need_b:
+                dz = logp.exp_()
+                dz[torch.arange(len(t), device=t.device), t] -= 1 - smoothing
+                if smoothing:
+                    dz -= smoothing / z.shape[-1]
+                if capped is not None:
+                    dz *= 1 - capped * capped
+                if need_h:
+                    grad_h[start:start + chunk] = torch.matmul(dz.to(weight.dtype), weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += dz.t() @ h.to(dz.dtype)
+                if need_b:
+                    grad_b += dz.sum(0)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.which = (need_h, need_w, need_b)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        saved = iter(ctx.saved_tensors)
+        need_h, need_w, need_b = ctx.which
+        grad_h = grad_w = grad_b = None
+        if need_h:
+            stored = next(saved)
+            grad_h = stored * grad_total.to(stored.dtype)
+        if need_w:
+            grad_w = (next(saved) * grad_total).to(ctx.weight_dtype)
+        if need_b:
+            grad_b = (next(saved) * grad_total).to(ctx.weight_dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def fused_linear_cross_entropy_sum(hidden: Tensor, targets: Tensor, head: nn.Linear, vocab: int, chunk_size: int | None = None,
+                                   label_smoothing: float = 0.0, softcap: float | None = None) -> Tensor:
+    """The summed cross-entropy of a plain linear LM head on hidden rows (N, H), in chunks, gradients in the same pass."""
+    size = chunk_rows(len(hidden), vocab, chunk_size)
+    return _FusedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, size, label_smoothing, softcap)
 
 
 def chunked_kl(student: Tensor, teacher: Tensor, student_head: Callable, teacher_head: Callable, vocab: int,
@@ -265,7 +338,8 @@ class CausalLM(Task):
         length = batch["input_ids"].shape[1]
         hidden = captured[-1][:, -length:]  # prompt tuning puts virtual tokens first
         return CausalLMOutput(hidden=hidden, head=self.head_of(model), hidden_states=getattr(out, "hidden_states", None),
-                              attentions=getattr(out, "attentions", None))
+                              attentions=getattr(out, "attentions", None), lm_head=lm_head,
+                              softcap=getattr(model.config, "final_logit_softcapping", None) or None)
 
     # ---------------------------------------------------------------- loss
     @staticmethod
@@ -286,6 +360,11 @@ class CausalLM(Task):
                                     smoothing), rows
 
     def loss(self, outputs: CausalLMOutput, batch: Batch) -> Tensor:
+        if type(outputs.lm_head) is nn.Linear and torch.is_grad_enabled():  # a plain (frozen or trained) head: fused pass
+            hidden, targets, _ = self.supervised(outputs, batch)
+            total = fused_linear_cross_entropy_sum(hidden, targets, outputs.lm_head, self.vocab_size(outputs),
+                                                   self.loss_chunk_size, self.label_smoothing, outputs.softcap)
+            return total / max(1, len(targets))
         losses, _ = self.token_losses(outputs, batch)
         return losses.sum() / max(1, len(losses))
 
