@@ -179,7 +179,7 @@ def test_error_num_labels_contradicts_data(tiny_backbone, tmp_path):
 
 def test_error_unknown_backbone_offline():
     module = TaskModule(SequenceClassification(), backbone="no-such-org/no-such-model")
-    with pytest.raises(BackboneError, match=r"backbone 'no-such-org/no-such-model'.*local model folder.*'minilm'"):
+    with pytest.raises(BackboneError, match=r"backbone 'no-such-org/no-such-model'.*local model folder.*offline alias \(minilm, gemma3-270m\)"):
         module.build({"problem_type": "single_label_classification", "label_names": ["a", "b"]})
     with pytest.raises(BackboneError, match="does not exist"):
         TaskModule(SequenceClassification(), backbone="./missing/folder")
