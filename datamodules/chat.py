@@ -18,8 +18,6 @@ not hold cannot mark assistant tokens: the error says so, naming the turn.
 """
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import random
 import re
@@ -31,7 +29,7 @@ from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.base import TaskDataModule
-from datamodules.loading import DataError, check_columns, check_utf8, column_values, file_format
+from datamodules.loading import DataError, check_columns, check_utf8, column_values, file_format, iter_jsonl
 from finetune_lab.data_info import DataInfo
 from finetune_lab.hub import GEMMA_CHAT_TEMPLATE
 
@@ -399,28 +397,18 @@ class ChatDataModule(TaskDataModule):
         hp = self.hparams
         needed, turn_keys = self._needed_columns(), {hp.role_key, hp.content_key}
         rows: list[dict[str, Any]] = []
-        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-            try:
-                for lineno, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: not valid JSON at column {e.colno} ({e.msg}); every line of a "
-                                        ".jsonl file must be one JSON object.") from None
-                    if not isinstance(obj, dict):
-                        raise DataError(f"{path}:{lineno}: a JSON {type(obj).__name__}, not an object.")
-                    row = {k: v for k, v in obj.items() if k in needed}
-                    turns = row.get(hp.messages_column)
-                    if self.mode == "messages" and isinstance(turns, list):
-                        row[hp.messages_column] = [{k: v for k, v in t.items() if k in turn_keys} if isinstance(t, dict)
-                                                   else t for t in turns]
-                    row[LINE] = lineno
-                    rows.append(row)
-            except UnicodeDecodeError:
-                check_utf8(path)  # names the line and column
-                raise
+        try:
+            for lineno, obj in iter_jsonl(path):
+                row = {k: v for k, v in obj.items() if k in needed}
+                turns = row.get(hp.messages_column)
+                if self.mode == "messages" and isinstance(turns, list):
+                    row[hp.messages_column] = [{k: v for k, v in t.items() if k in turn_keys} if isinstance(t, dict)
+                                               else t for t in turns]
+                row[LINE] = lineno
+                rows.append(row)
+        except UnicodeDecodeError:
+            check_utf8(path)  # names the line and column
+            raise
         if not rows:
             raise DataError(f"data_files.{split}: '{path}' has no rows.")
         self.origins[split] = path

@@ -101,11 +101,12 @@ def _check_fields(path: str, ext: str) -> None:
             raise DataError(f"{path}:{reader.line_num}: {e}.") from None
 
 
-def check_jsonl(path: str) -> None:
-    """Raise DataError at the first line of a JSON-lines file that is not one JSON object."""
+def iter_jsonl(path: str):
+    """(line number, object) for every non-blank line of a JSON-lines file (plain or gzipped); DataError at
+    the first line that is not one JSON object, naming the line."""
     import json
 
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+    with (gzip.open if path.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -117,6 +118,13 @@ def check_jsonl(path: str) -> None:
             if not isinstance(value, dict):
                 raise DataError(f"{path}:{lineno}: a JSON {type(value).__name__}, not an object; every line of a .jsonl "
                                 'file must be one object such as {"text": ..., "label": ...}.')
+            yield lineno, value
+
+
+def check_jsonl(path: str) -> None:
+    """Raise DataError at the first line of a JSON-lines file that is not one JSON object."""
+    for _ in iter_jsonl(path):
+        pass
 
 
 def file_format(path: str) -> str:

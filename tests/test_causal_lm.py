@@ -17,7 +17,7 @@ from lightning_modules.tasks import CausalLM
 from lightning_modules.tasks.causal_lm import chunked_token_losses
 from tests.helpers import PRODUCTS, tiny_llama_config, toy_conversations, write_jsonl
 from tests.test_resume_ddp import _callbacks, _read
-from tests.utils import ROOT, make_trainer, run_cli
+from tests.utils import ROOT, make_trainer, run_cli, write_config
 
 CONVERSATION = [{"role": "system", "content": "You are a shop assistant ."},
                 {"role": "user", "content": "how much is the tea ?"},
@@ -229,8 +229,6 @@ def test_perplexity_is_exp_of_the_token_weighted_nll(overfit):
 
 # ---------------------------------------------------------------- through the CLI
 def chat_config(tmp_path, chat, name="chat.yaml", **overrides):
-    import yaml
-
     cfg = {"seed_everything": 0,
            "model": {"backbone": chat["tokenizer"], "backbone_config": tiny_llama_config(hidden_size=64, intermediate_size=128),
                      "task": {"class_path": "lightning_modules.tasks.CausalLM",
@@ -240,16 +238,7 @@ def chat_config(tmp_path, chat, name="chat.yaml", **overrides):
                                   "system_prompt": "You are a shop assistant ."}},
            "trainer": {"accelerator": "cpu", "max_epochs": 40, "check_val_every_n_epoch": 20, "enable_progress_bar": False,
                        "enable_model_summary": False, "log_every_n_steps": 4, "logger": False}}
-    for key, value in overrides.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    path = os.path.join(str(tmp_path), name)
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f)
-    return path
+    return write_config(tmp_path, cfg, name, overrides)
 
 
 @pytest.fixture(scope="module")

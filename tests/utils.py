@@ -42,7 +42,12 @@ def cli_config(tmp_path, backbone: str, files: dict, name: str = "cfg.yaml", **o
         "trainer": {"accelerator": "cpu", "max_epochs": 2, "enable_progress_bar": False,
                     "enable_model_summary": False, "log_every_n_steps": 5},
     }
-    for key, value in overrides.items():  # "trainer.max_epochs" style keys
+    return write_config(tmp_path, cfg, name, overrides)
+
+
+def write_config(tmp_path, cfg: dict, name: str, overrides: dict) -> str:
+    """`cfg` with `overrides` ("trainer.max_epochs" style keys) applied, written as `<tmp_path>/<name>`."""
+    for key, value in overrides.items():
         node = cfg
         *parents, last = key.split(".")
         for p in parents:

@@ -25,7 +25,7 @@ from finetune_lab.data_info import DataInfo
 from finetune_lab.hub import BackboneError
 from lightning_modules.backbones import Backbone
 from lightning_modules.task import Batch, Task
-from lightning_modules.tasks.generation_metrics import CorpusBLEU, CorpusChrF, MeanRouge, TokenNLL
+from lightning_modules.tasks.generation_metrics import CorpusBLEU, CorpusChrF, MeanRouge, TokenNLL, metric_signatures
 
 LOGIT_BUDGET = 1 << 25  # logits per chunk (32M floats = 128 MB in float32) when loss_chunk_size is not set
 TEXT_METRICS = ("bleu", "chrf", "rougeL")
@@ -471,8 +471,7 @@ class CausalLM(Task):
         return self.samples
 
     def metric_signatures(self, metrics: MetricCollection) -> dict[str, str]:
-        return {name.rsplit("/", 1)[-1]: m.signature() for name, m in metrics.items(keep_base=True, copy_state=False)
-                if hasattr(m, "signature")}
+        return metric_signatures(metrics)
 
     def decode(self, outputs: CausalLMOutput, batch: Batch) -> list[dict[str, Any]]:
         texts = self.texts(outputs.sequences) if outputs.sequences is not None else []

@@ -122,3 +122,9 @@ class TokenNLL(Metric):
     def compute(self) -> Tensor:
         mean = self.nll / self.tokens.clamp_min(1)
         return (mean.exp() if self.exp else mean).float()
+
+
+def metric_signatures(metrics) -> dict[str, str]:
+    """sacrebleu signatures of a MetricCollection's text metrics (name without its stage prefix -> signature)."""
+    return {name.rsplit("/", 1)[-1]: m.signature() for name, m in metrics.items(keep_base=True, copy_state=False)
+            if hasattr(m, "signature")}

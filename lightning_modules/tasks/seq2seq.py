@@ -14,7 +14,7 @@ from finetune_lab.data_info import DataInfo
 from finetune_lab.hub import BackboneError, load_tokenizer
 from lightning_modules.backbones import Backbone
 from lightning_modules.task import Batch, Task
-from lightning_modules.tasks.generation_metrics import CorpusBLEU, CorpusChrF, MeanRouge, TokenNLL
+from lightning_modules.tasks.generation_metrics import CorpusBLEU, CorpusChrF, MeanRouge, TokenNLL, metric_signatures
 from lightning_modules.tasks.token_classification import per_example_token_loss
 
 METRICS = {"translation": ("bleu", "chrf"), "summarization": ("rouge1", "rouge2", "rougeL")}
@@ -225,9 +225,7 @@ class Seq2Seq(Task):
         return self.samples
 
     def metric_signatures(self, metrics: MetricCollection) -> dict[str, str]:
-        """sacrebleu signatures of the collection's metrics (name -> signature)."""
-        return {name.rsplit("/", 1)[-1]: m.signature() for name, m in metrics.items(keep_base=True, copy_state=False)
-                if hasattr(m, "signature")}
+        return metric_signatures(metrics)
 
     def decode(self, outputs: GenerationOutput, batch: Batch) -> list[dict[str, Any]]:
         records = []
