@@ -11,11 +11,15 @@ What it measures, in one run (each system in its own child process, so peak memo
   learning-rate schedule; in fp32 and bf16-mixed;
 - both systems' training-loss curves (benchmarks/results/sgd_assistant_loss.png), so equal learning is visible.
 
-Targets (issue 16): >= 1.3x TRL's tokens/s and <= 0.7x its peak memory.
+Targets (issue 16): >= 1.3x TRL's tokens/s and <= 0.7x its peak memory. TRL's `SFTConfig` turns gradient
+checkpointing on by default and this script keeps TRL's default; finetune-lab's is off unless
+`--gradient_checkpointing` (then both recompute activations: the like-for-like memory comparison).
 
 Run from the repository root (needs the bench extra: `.venv/bin/pip install -e ".[bench]"`):
 
-    .venv/bin/python benchmarks/sgd_assistant.py                      # the defaults: about an hour on 2 CPU cores
+    .venv/bin/python benchmarks/sgd_assistant.py --steps 24 --n_train 200 --n_test 200 --n_eval_val 100   # the reported run (1 h)
+    .venv/bin/python benchmarks/sgd_assistant.py --steps 24 --n_train 200 --skip base,trl --gradient_checkpointing \
+        --evaluate_precision none --name sgd_assistant_gc                                               # ours with checkpointing
     .venv/bin/python benchmarks/sgd_assistant.py --steps 4 --n_test 8 --n_eval_val 8   # a smoke run
 
 On a machine with a GPU the children train there (bf16 autocast) and the report says so. Writes
@@ -83,8 +87,8 @@ def child_ours(args) -> dict:
     L.seed_everything(0)
     dm = ChatDataModule(tokenizer="gemma3-270m", data_files={"train": args.train, "validation": args.val}, max_length=args.max_length,
                         packing=args.packing, batch_size=args.batch_size, seed=0, **FIELDS)
-    module = TaskModule(CausalLM(num_generations=0), backbone="gemma3-270m", regimes=[Peft("LORA", dict(LORA))], lr=args.lr,
-                        warmup=0.1, lr_schedule="linear")
+    module = TaskModule(CausalLM(num_generations=0, gradient_checkpointing=args.gradient_checkpointing), backbone="gemma3-270m",
+                        regimes=[Peft("LORA", dict(LORA))], lr=args.lr, warmup=0.1, lr_schedule="linear")
 
     class Meter(L.Callback):
         def __init__(self):
@@ -107,10 +111,10 @@ def child_ours(args) -> dict:
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[meter])
     trainer.fit(module, datamodule=dm)
-    # the first step carries one-off costs (allocator warm-up): rates are over the steps after it
     out = {"system": "finetune-lab", "precision": args.precision, "steps": len(meter.losses), "supervised_tokens": meter.tokens,
            "train_seconds": meter.seconds, "tokens_per_s": meter.tokens / meter.seconds, "losses": meter.losses,
-           "peak_rss_mb": peak_rss_mb(), "rows": len(dm.encoded("train")), "packing": args.packing}
+           "peak_rss_mb": peak_rss_mb(), "rows": len(dm.encoded("train")), "packing": args.packing,
+           "gradient_checkpointing": args.gradient_checkpointing}
     if args.evaluate:
         out["after"] = evaluate(module, args)
     return out
@@ -194,6 +198,7 @@ def child_trl(args) -> dict:
 
     clock = Clock()
     config = SFTConfig(output_dir=os.path.join(args.work, f"trl_{args.precision}"), max_steps=args.steps,
+                       gradient_checkpointing=args.trl_gradient_checkpointing,
                        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="linear",
                        warmup_steps=math.ceil(0.1 * args.steps), weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
                        report_to=[], bf16=args.precision == "bf16", use_cpu=accelerator() == "cpu", seed=0,
@@ -206,17 +211,20 @@ def child_trl(args) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"system": "trl", "precision": args.precision, "steps": trainer.state.global_step, "supervised_tokens": tokens["n"],
             "train_seconds": clock.seconds, "tokens_per_s": tokens["n"] / clock.seconds, "losses": losses,
-            "peak_rss_mb": peak_rss_mb(), "packing": args.packing}
+            "peak_rss_mb": peak_rss_mb(), "packing": args.packing, "gradient_checkpointing": config.gradient_checkpointing}
 
 
 # ---------------------------------------------------------------- parent
 def run_child(kind: str, precision: str, args) -> dict:
-    out = os.path.join(args.work, f"{kind}_{precision}.json")
+    out = os.path.join(args.work, f"{kind}{'_gc' if args.gradient_checkpointing else ''}_{precision}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--precision", precision, "--result", out]
     for key in ("steps", "batch_size", "max_length", "lr", "n_train", "n_test", "n_eval_val", "threads", "work"):
         cmd += [f"--{key}", str(getattr(args, key))]
     if not args.packing:
         cmd.append("--no_packing")
+    if args.gradient_checkpointing:
+        cmd.append("--gradient_checkpointing")
+    cmd += ["--trl_gradient_checkpointing", str(args.trl_gradient_checkpointing)]
     if kind == "ours" and precision == args.evaluate_precision:
         cmd.append("--evaluate")
     t0 = time.time()
@@ -262,6 +270,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--no_packing", dest="packing", action="store_false")
     p.add_argument("--evaluate", action="store_true")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="finetune-lab recomputes the layers' activations in the backward pass (its default: off)")
+    p.add_argument("--trl_gradient_checkpointing", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                   help="TRL's SFTConfig.gradient_checkpointing (TRL's default: true)")
+    p.add_argument("--name", default="sgd_assistant", help="report name: benchmarks/results/<name>.json and <name>_loss.png")
     p.add_argument("--evaluate_precision", default="bf16", help="the precision whose finetune-lab model is evaluated after training")
     p.add_argument("--skip", default="", help="comma-separated children to skip, e.g. base,trl")
     p.add_argument("--work", default=os.path.join(RESULTS, "sgd_assistant_work"))
@@ -288,7 +301,8 @@ def main() -> None:
             if kind not in skip:
                 results.append(run_child(kind, precision, args))
     report = {"device": accelerator(), "torch_threads": args.threads, "settings": {k: getattr(args, k) for k in
-              ("steps", "batch_size", "max_length", "lr", "n_train", "n_test", "n_eval_val", "packing")},
+              ("steps", "batch_size", "max_length", "lr", "n_train", "n_test", "n_eval_val", "packing", "gradient_checkpointing",
+               "trl_gradient_checkpointing")},
               "lora": LORA, "results": results, "wall_seconds": time.time() - t0}
     print("\n| system | precision | steps | supervised tokens | train s | tokens/s | peak RSS MB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -316,13 +330,13 @@ def main() -> None:
                   f"BLEU {q['test']['bleu']:.2f} chrF {q['test']['chrf']:.2f} ROUGE-L {q['test']['rougeL']:.2f} "
                   f"(perplexity {q['test']['perplexity']:.2f})")
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "sgd_assistant.json"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as f:
         json.dump(report, f, indent=2)
     try:
-        plot(results, os.path.join(RESULTS, "sgd_assistant_loss.png"))
+        plot(results, os.path.join(RESULTS, f"{args.name}_loss.png"))
     except ImportError:
         print("matplotlib is not installed (the bench extra): no loss plot.")
-    print(f"wrote {os.path.join(RESULTS, 'sgd_assistant.json')} ({time.time() - t0:.0f} s)")
+    print(f"wrote {os.path.join(RESULTS, args.name + '.json')} ({time.time() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,9 @@ def checkpoint_identity_mismatches(checkpoint: Mapping[str, Any], current: Mappi
             problems.append(f"model.backbone '{current.get('backbone')}' ({', '.join(f'{k} {b[k]}' for k in differ)}) does not have "
                             f"the architecture of the checkpoint's backbone '{saved.get('backbone')}' "
                             f"({', '.join(f'{k} {a[k]}' for k in differ)})")
-    if saved.get("tokenizer") and current.get("tokenizer") and saved["tokenizer"] != current["tokenizer"]:
+    # fingerprints of one scheme only: checkpoints written before the sha256 fingerprints carry another hash
+    same_scheme = str(saved.get("tokenizer", "")).split(":", 1)[0] == str(current.get("tokenizer", "")).split(":", 1)[0]
+    if saved.get("tokenizer") and current.get("tokenizer") and same_scheme and saved["tokenizer"] != current["tokenizer"]:
         problems.append(f"the tokenizer of model.backbone '{current.get('backbone')}' is not the one the checkpoint was "
                         f"trained with (backbone '{saved.get('backbone')}'): another vocabulary gives other token ids")
     strict = resuming or "frozen_base" in checkpoint
@@ -362,7 +364,7 @@ class TaskModule(L.LightningModule):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if self._tokenizer_fingerprint is None:  # the task's copy when it keeps one (a 262k vocabulary loads in seconds)
             tokenizer = getattr(self.task, "tokenizer", None) or self.backbone.tokenizer()
-            self._tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+            self._tokenizer_fingerprint = f"sha256:{tokenizer_fingerprint(tokenizer)}"
         return {"task": type(self.task).__name__, "backbone": self.backbone.name, "tokenizer": self._tokenizer_fingerprint,
                 "architecture": architecture(base.config.to_dict()), "regimes": [type(r).__name__ for r in self.regimes]}
 

@@ -439,3 +439,26 @@ def test_the_fused_head_loss_equals_autograd_with_bias_softcap_and_smoothing():
         reference = torch.autograd.grad(plain * 0.7, [hidden, head.weight, head.bias])
         assert abs(fused.item() - plain.item()) < 1e-10
         assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads, reference))
+
+
+def test_a_smaller_student_from_backbone_layers_distils_from_a_checkpoint_teacher(chat, overfit, tmp_path):
+    from lightning_modules.regimes import Distillation
+
+    teacher_module, dm, _ = overfit
+    teacher_ckpt = str(tmp_path / "teacher.ckpt")
+    trainer = make_trainer(tmp_path, max_epochs=1)
+    trainer.strategy.connect(teacher_module)
+    trainer.save_checkpoint(teacher_ckpt)
+    folder = str(tmp_path / "teacher_export")
+    teacher_module.model.save_pretrained(folder)
+    dm.tokenizer.save_pretrained(folder)
+    L.seed_everything(0)
+    student = TaskModule(CausalLM(num_generations=0), backbone=folder, backbone_layers=[1], lr=3e-3,
+                         regimes=[Distillation(teacher=teacher_ckpt, alpha=1.0, temperature=1.0)])
+    student.build(dm.data_info)
+    assert student.model.config.num_hidden_layers == 1
+    trainer = make_trainer(tmp_path, max_epochs=2, num_sanity_val_steps=0)
+    trainer.fit(student, datamodule=dm)
+    regime = student.regimes[0]
+    assert regime.teacher is not None and not regime.teacher.training
+    assert float(trainer.callback_metrics["train/loss_soft"]) < 0.5  # the one-layer student follows its teacher

@@ -268,3 +268,13 @@ def test_a_checkpoint_with_another_tokenizer_is_refused(trained_run, tmp_path):
     last = os.path.join(run, "checkpoints", "last.ckpt")
     with pytest.raises(CheckpointError, match="is not the one the checkpoint was trained with"):
         _cli(["validate", "-c", cfg, "--experiment", "swap", "--ckpt_path", last, "--model.backbone", swapped], tmp_path)
+
+
+def test_tokenizer_fingerprints_of_another_scheme_are_not_compared():
+    from lightning_modules.module import checkpoint_identity_mismatches
+
+    current = {"task": "CausalLM", "backbone": "b", "architecture": None, "regimes": [], "tokenizer": "sha256:aaaa"}
+    older = {"identity": dict(current, tokenizer="0123456789abcdef")}  # written before the sha256 fingerprints
+    assert checkpoint_identity_mismatches(older, current, resuming=True) == []
+    other = {"identity": dict(current, tokenizer="sha256:bbbb")}
+    assert any("tokenizer" in p for p in checkpoint_identity_mismatches(other, current, resuming=True))

@@ -354,10 +354,18 @@ class CausalLM(Task):
         return len(self.tokenizer) if self.tokenizer is not None else 1 << 18
 
     def token_losses(self, outputs: CausalLMOutput, batch: Batch, label_smoothing: float | None = None) -> tuple[Tensor, Tensor]:
-        hidden, targets, rows = self.supervised(outputs, batch)
+        """Per-token losses of the supervised positions and their batch rows. Without autograd (evaluation)
+        they are kept on `outputs`, so the loss and the NLL of one batch run the head once."""
         smoothing = self.label_smoothing if label_smoothing is None else label_smoothing
-        return chunked_token_losses(hidden, targets, outputs.head, self.vocab_size(outputs), self.loss_chunk_size,
-                                    smoothing), rows
+        memo = outputs.__dict__.setdefault("_token_losses", {})
+        if smoothing in memo and not torch.is_grad_enabled():
+            return memo[smoothing]
+        hidden, targets, rows = self.supervised(outputs, batch)
+        result = chunked_token_losses(hidden, targets, outputs.head, self.vocab_size(outputs), self.loss_chunk_size,
+                                      smoothing), rows
+        if not torch.is_grad_enabled():
+            memo[smoothing] = result
+        return result
 
     def loss(self, outputs: CausalLMOutput, batch: Batch) -> Tensor:
         if type(outputs.lm_head) is nn.Linear and torch.is_grad_enabled():  # a plain (frozen or trained) head: fused pass
