@@ -49,10 +49,21 @@ from datamodules.sampling import EvalSampler, LengthGroupedSampler, ResumableDat
 from finetune_lab.data_info import DataInfo
 from finetune_lab.hub import load_tokenizer, tokenizer_fingerprint
 
-__all__ = ["TaskDataModule", "carve_validation", "tokenizer_fingerprint"]
+__all__ = ["TaskDataModule", "carve_validation", "pad_right", "tokenizer_fingerprint"]
 
 SPLITS = ("train", "validation", "test")
 NEEDED = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"], "predict": []}
+
+
+def pad_right(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic padding: (B, longest) ids padded with `value` on the right, and the mask of real positions."""
+    longest = max(len(x) for x in sequences)
+    ids = torch.full((len(sequences), longest), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for i, x in enumerate(sequences):
+        ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, :len(x)] = 1
+    return ids, mask
 
 
 def carve_validation(splits: dict[str, Dataset], hp, on_train: Callable[[Dataset], None], unit: str = "rows") -> None:

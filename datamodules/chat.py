@@ -28,13 +28,15 @@ import torch
 from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.base import TaskDataModule
+from datamodules.base import TaskDataModule, pad_right
 from datamodules.loading import DataError, check_columns, check_utf8, column_values, file_format, iter_jsonl
 from finetune_lab.data_info import DataInfo
 from finetune_lab.hub import GEMMA_CHAT_TEMPLATE
 
 ROLES = ("system", "user", "assistant")
-LINE = "__line__"  # the file line of a row read from JSON lines (for error messages)
+LINE = "__line__"
+ROW_COLUMNS = ("input_ids", "labels", "prompt_length", "reference", "prompt_text", "index", "length", "dropped_turns",
+               "too_long", "full_length")  # what the encoders write per row  # the file line of a row read from JSON lines (for error messages)
 CHATML_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -121,8 +123,7 @@ def encode_conversations(batch: dict[str, list], indices: list[int], tokenizer, 
     longer than `max_length` lose their oldest exchanges first; one whose last exchange alone is too long
     is dropped (`length` 0); both are counted in `dropped_turns` / `too_long`."""
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_length", "reference", "prompt_text", "index",
-                                            "length", "dropped_turns", "too_long", "full_length")}
+    out: dict[str, list] = {k: [] for k in ROW_COLUMNS}
     for row, index in zip(rows, indices):
         where = f"{split} example {index} ({origin.format(line=row.get(LINE, index + 1))})"
         messages = to_messages(row, where)
@@ -209,8 +210,7 @@ def encode_texts(batch: dict[str, list], indices: list[int], tokenizer, column: 
                  origin: str, with_labels: bool) -> dict[str, Any]:
     """Raw text: `<bos> text <eos>` (as the tokenizer adds them), every token supervised, cut into pieces of
     `max_length` tokens (a piece is its own row; `pieces` counts them per text)."""
-    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "prompt_length", "reference", "prompt_text", "index",
-                                            "length", "dropped_turns", "too_long", "full_length")}
+    out: dict[str, list] = {k: [] for k in ROW_COLUMNS}
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     lines = batch.get(LINE) or [i + 1 for i in indices]
     for text, index, line in zip(batch[column], indices, lines):
@@ -247,6 +247,7 @@ def pack_rows(ds: Dataset, max_length: int, seed: int) -> Dataset:
     lengths = column_values(ds, "length")
     order = np.random.default_rng(seed).permutation(len(ds))
     ids_col, labels_col = ds["input_ids"], ds["labels"]
+    index_col = ds["index"] if "index" in ds.column_names else list(range(len(ds)))
     packs: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "index": [], "length": [], "conversations": []}
     cur_ids: list[int] = []
     cur_labels: list[int] = []
@@ -268,7 +269,7 @@ def pack_rows(ds: Dataset, max_length: int, seed: int) -> Dataset:
             flush()
             cur_ids, cur_labels, cur_pos, n = [], [], [], 0
         if not cur_ids:
-            first = int(ds[i]["index"]) if "index" in ds.column_names else i
+            first = int(index_col[i])
         cur_ids += ids_col[i]
         cur_labels += labels_col[i]
         cur_pos += list(range(L))
@@ -285,19 +286,12 @@ class ChatCollator:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        B, T = len(rows), max(len(r["input_ids"]) for r in rows)
-        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            attention_mask[i, :len(r["input_ids"])] = 1
+        input_ids, attention_mask = pad_right([r["input_ids"] for r in rows], self.pad_id)
+        B, T = input_ids.shape
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
                                  "index": torch.tensor([r["index"] for r in rows])}
         if "labels" in rows[0]:
-            labels = torch.full((B, T), -100, dtype=torch.long)
-            for i, r in enumerate(rows):
-                labels[i, :len(r["labels"])] = torch.tensor(r["labels"])
-            batch["labels"] = labels
+            batch["labels"] = pad_right([r["labels"] for r in rows], -100)[0]
         if "position_ids" in rows[0]:
             position_ids = torch.zeros((B, T), dtype=torch.long)
             for i, r in enumerate(rows):

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.base import TaskDataModule, tokenizer_fingerprint
+from datamodules.base import TaskDataModule, pad_right, tokenizer_fingerprint
 from datamodules.loading import DataError, check_columns, column_values
 from datamodules.noise import perturb_text
 from datamodules.tokenizer_training import has_tokenizer, train_tokenizer
@@ -70,21 +70,12 @@ class Seq2SeqCollator:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        B, S = len(rows), max(len(r["input_ids"]) for r in rows)
-        input_ids = torch.full((B, S), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, S), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            attention_mask[i, :len(r["input_ids"])] = 1
+        input_ids, attention_mask = pad_right([r["input_ids"] for r in rows], self.pad_id)
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
                                  "index": torch.tensor([r["index"] for r in rows]),
                                  "source_text": [r["source_text"] for r in rows]}
         if "labels" in rows[0]:
-            T = max(len(r["labels"]) for r in rows)
-            labels = torch.full((B, T), -100, dtype=torch.long)
-            for i, r in enumerate(rows):
-                labels[i, :len(r["labels"])] = torch.tensor(r["labels"])
-            batch["labels"] = labels
+            batch["labels"] = pad_right([r["labels"] for r in rows], -100)[0]
             batch["target_text"] = [r["target_text"] for r in rows]
         return batch
 

@@ -99,9 +99,8 @@ def convert_gguf(gguf_path: str, out: str, chat_template: str | None = None) -> 
         # The weights are dequantized already; a model rebuilt from the plain config saves as safetensors
         # (transformers refuses to serialize a model that still carries its GGUF quantizer).
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        for attr in ("quantization_config",):
-            if hasattr(config, attr):
-                delattr(config, attr)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
         model = type(loaded)(config)
         model.load_state_dict(loaded.state_dict(), strict=False)
         model.tie_weights()

@@ -52,7 +52,7 @@ class CausalLMOutput:
         return self.head(self.hidden.reshape(B * T, H)).reshape(B, T, -1)
 
 
-def chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
+def chunk_rows(vocab: int, chunk_size: int | None) -> int:
     return max(1, chunk_size or LOGIT_BUDGET // max(1, vocab))
 
 
@@ -60,7 +60,7 @@ def chunked_token_losses(hidden: Tensor, targets: Tensor, head: Callable[[Tensor
                          chunk_size: int | None = None, label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy of each row of `hidden` (N, H) against `targets` (N,), float32, through `head` in chunks.
     Under autograd each chunk is checkpointed: its logits are recomputed in the backward pass instead of kept."""
-    size = chunk_rows(len(hidden), vocab, chunk_size)
+    size = chunk_rows(vocab, chunk_size)
 
     def chunk_loss(h: Tensor, t: Tensor) -> Tensor:
         logits = head(h)
@@ -142,14 +142,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 def fused_linear_cross_entropy_sum(hidden: Tensor, targets: Tensor, head: nn.Linear, vocab: int, chunk_size: int | None = None,
                                    label_smoothing: float = 0.0, softcap: float | None = None) -> Tensor:
     """The summed cross-entropy of a plain linear LM head on hidden rows (N, H), in chunks, gradients in the same pass."""
-    size = chunk_rows(len(hidden), vocab, chunk_size)
+    size = chunk_rows(vocab, chunk_size)
     return _FusedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, size, label_smoothing, softcap)
 
 
 def chunked_kl(student: Tensor, teacher: Tensor, student_head: Callable, teacher_head: Callable, vocab: int,
                temperature: float, chunk_size: int | None = None) -> Tensor:
     """Sum over rows of KL(teacher_T || student_T) x T^2 of the heads' logits on hidden rows (N, H), chunked."""
-    size = chunk_rows(len(student), vocab, chunk_size)
+    size = chunk_rows(vocab, chunk_size)
     t2 = temperature * temperature
 
     def chunk_kl(s: Tensor, t: Tensor) -> Tensor:
@@ -277,7 +277,6 @@ class CausalLM(Task):
     def build_model(self, backbone: Backbone, data_info: DataInfo) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        self.configure(data_info)
         self.tokenizer = tok = backbone.tokenizer()
         if self.chat_template:
             tok.chat_template = self.chat_template
@@ -350,8 +349,8 @@ class CausalLM(Task):
         rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[mask]
         return outputs.hidden[:, :-1][mask], targets[mask], rows
 
-    def vocab_size(self, outputs: CausalLMOutput) -> int:
-        return len(self.tokenizer) if self.tokenizer is not None else 1 << 18
+    def vocab_size(self) -> int:
+        return len(self.tokenizer) if self.tokenizer is not None else 1 << 18  # only sizes the chunks
 
     def token_losses(self, outputs: CausalLMOutput, batch: Batch, label_smoothing: float | None = None) -> tuple[Tensor, Tensor]:
         """Per-token losses of the supervised positions and their batch rows. Without autograd (evaluation)
@@ -361,7 +360,7 @@ class CausalLM(Task):
         if smoothing in memo and not torch.is_grad_enabled():
             return memo[smoothing]
         hidden, targets, rows = self.supervised(outputs, batch)
-        result = chunked_token_losses(hidden, targets, outputs.head, self.vocab_size(outputs), self.loss_chunk_size,
+        result = chunked_token_losses(hidden, targets, outputs.head, self.vocab_size(), self.loss_chunk_size,
                                       smoothing), rows
         if not torch.is_grad_enabled():
             memo[smoothing] = result
@@ -370,7 +369,7 @@ class CausalLM(Task):
     def loss(self, outputs: CausalLMOutput, batch: Batch) -> Tensor:
         if type(outputs.lm_head) is nn.Linear and torch.is_grad_enabled():  # a plain (frozen or trained) head: fused pass
             hidden, targets, _ = self.supervised(outputs, batch)
-            total = fused_linear_cross_entropy_sum(hidden, targets, outputs.lm_head, self.vocab_size(outputs),
+            total = fused_linear_cross_entropy_sum(hidden, targets, outputs.lm_head, self.vocab_size(),
                                                    self.loss_chunk_size, self.label_smoothing, outputs.softcap)
             return total / max(1, len(targets))
         losses, _ = self.token_losses(outputs, batch)
@@ -397,7 +396,7 @@ class CausalLM(Task):
         """KL(teacher_T || student_T) x T^2, averaged over the supervised positions, in chunks."""
         student, _, _ = self.supervised(outputs, batch)
         teacher, _, _ = self.supervised(teacher_outputs, batch)
-        total = chunked_kl(student, teacher, outputs.head, teacher_outputs.head, self.vocab_size(outputs), temperature,
+        total = chunked_kl(student, teacher, outputs.head, teacher_outputs.head, self.vocab_size(), temperature,
                            self.loss_chunk_size)
         return total / max(1, len(student))
 
