@@ -13,13 +13,16 @@ What it measures, in one run (each system in its own child process, so peak memo
 
 Targets (issue 16): >= 1.3x TRL's tokens/s and <= 0.7x its peak memory. TRL's `SFTConfig` turns gradient
 checkpointing on by default and this script keeps TRL's default; finetune-lab's is off unless
-`--gradient_checkpointing` (then both recompute activations: the like-for-like memory comparison).
+`--gradient_checkpointing on` (then both recompute activations: the like-for-like memory comparison;
+`on,off` runs both). finetune-lab's processes ask PyTorch for transparent-huge-page CPU allocations
+(`THP_MEM_ALLOC_ENABLE=1`, set by `import finetune_lab` before torch loads); `--trl_huge_pages off,on` also
+runs TRL with that setting, so the memory gap it closes is visible on both sides.
 
 Run from the repository root (needs the bench extra: `.venv/bin/pip install -e ".[bench]"`):
 
     .venv/bin/python benchmarks/sgd_assistant.py --steps 24 --n_train 200 --n_test 200 --n_eval_val 100   # the reported run (1 h)
-    .venv/bin/python benchmarks/sgd_assistant.py --steps 24 --n_train 200 --skip base,trl --gradient_checkpointing \
-        --evaluate_precision none --name sgd_assistant_gc                                               # ours with checkpointing
+    .venv/bin/python benchmarks/sgd_assistant.py --steps 24 --n_train 200 --skip base --gradient_checkpointing on,off \
+        --trl_huge_pages off,on --evaluate_precision none --name sgd_assistant_memory                   # speed and memory only
     .venv/bin/python benchmarks/sgd_assistant.py --steps 4 --n_test 8 --n_eval_val 8   # a smoke run
 
 On a machine with a GPU the children train there (bf16 autocast) and the report says so. Writes
@@ -63,6 +66,15 @@ def subset(split: str, n: int, out: str) -> str:
     return out
 
 
+def switches(value: str, flag: str) -> list[bool]:
+    """'on', 'off' or a comma list of them -> [True, False, ...] (the runs to do, in order)."""
+    runs = [v.strip().lower() for v in value.split(",") if v.strip()]
+    bad = [v for v in runs if v not in ("on", "off", "true", "false")]
+    if bad or not runs:
+        raise SystemExit(f"{flag} {value!r}: expected on, off or a comma list of them (e.g. on,off)")
+    return [v in ("on", "true") for v in runs]
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -75,6 +87,7 @@ def accelerator() -> str:
 
 # ---------------------------------------------------------------- children
 def child_ours(args) -> dict:
+    import finetune_lab  # noqa: F401  (first, as the `finetune` command does: its allocator setting precedes torch)
     import lightning as L
     import torch
 
@@ -114,7 +127,7 @@ def child_ours(args) -> dict:
     out = {"system": "finetune-lab", "precision": args.precision, "steps": len(meter.losses), "supervised_tokens": meter.tokens,
            "train_seconds": meter.seconds, "tokens_per_s": meter.tokens / meter.seconds, "losses": meter.losses,
            "peak_rss_mb": peak_rss_mb(), "rows": len(dm.encoded("train")), "packing": args.packing,
-           "gradient_checkpointing": args.gradient_checkpointing}
+           "gradient_checkpointing": args.gradient_checkpointing, "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
     if args.evaluate:
         out["after"] = evaluate(module, args)
     return out
@@ -158,6 +171,8 @@ def evaluate(module, args) -> dict:
 
 
 def child_trl(args) -> dict:
+    if args.huge_pages:
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # finetune-lab's allocator setting, before torch loads
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -211,29 +226,41 @@ def child_trl(args) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"system": "trl", "precision": args.precision, "steps": trainer.state.global_step, "supervised_tokens": tokens["n"],
             "train_seconds": clock.seconds, "tokens_per_s": tokens["n"] / clock.seconds, "losses": losses,
-            "peak_rss_mb": peak_rss_mb(), "packing": args.packing, "gradient_checkpointing": config.gradient_checkpointing}
+            "peak_rss_mb": peak_rss_mb(), "packing": args.packing, "gradient_checkpointing": config.gradient_checkpointing,
+            "huge_pages": args.huge_pages}
 
 
 # ---------------------------------------------------------------- parent
-def run_child(kind: str, precision: str, args) -> dict:
-    out = os.path.join(args.work, f"{kind}{'_gc' if args.gradient_checkpointing else ''}_{precision}.json")
+def run_child(kind: str, precision: str, args, gradient_checkpointing: bool = False, huge_pages: bool = False) -> dict:
+    tag = "_gc" if gradient_checkpointing and kind == "ours" else ""
+    tag += "_thp" if huge_pages and kind == "trl" else ""
+    out = os.path.join(args.work, f"{kind}{tag}_{precision}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--precision", precision, "--result", out]
     for key in ("steps", "batch_size", "max_length", "lr", "n_train", "n_test", "n_eval_val", "threads", "work"):
         cmd += [f"--{key}", str(getattr(args, key))]
     if not args.packing:
         cmd.append("--no_packing")
-    if args.gradient_checkpointing:
-        cmd.append("--gradient_checkpointing")
+    cmd += ["--gradient_checkpointing", "on" if gradient_checkpointing else "off", "--trl_huge_pages", "on" if huge_pages else "off"]
     cmd += ["--trl_gradient_checkpointing", str(args.trl_gradient_checkpointing)]
-    if kind == "ours" and precision == args.evaluate_precision:
+    if kind == "ours" and precision == args.evaluate_precision and gradient_checkpointing == args.checkpointing[0]:
         cmd.append("--evaluate")
     t0 = time.time()
-    print(f"[bench] {kind} {precision} ...", flush=True)
+    label = f"{kind}{tag.replace('_', ' ')} {precision}"
+    print(f"[bench] {label} ...", flush=True)
     subprocess.run(cmd, check=True)
     with open(out) as f:
         result = json.load(f)
-    print(f"[bench] {kind} {precision}: {time.time() - t0:.0f} s wall", flush=True)
+    print(f"[bench] {label}: {time.time() - t0:.0f} s wall", flush=True)
     return result
+
+
+def label(r: dict) -> str:
+    extra = []
+    if r["system"] == "finetune-lab" and r.get("gradient_checkpointing"):
+        extra.append("checkpointing")
+    if r["system"] == "trl" and r.get("huge_pages"):
+        extra.append("huge pages")
+    return r["system"] + (f" ({', '.join(extra)})" if extra else "")
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -245,7 +272,7 @@ def plot(results: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         if "losses" in r:
-            ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=f"{r['system']} {r['precision']}")
+            ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=f"{label(r)} {r['precision']}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (assistant tokens)")
     ax.set_title("Gemma 3 270M + LoRA on SGD: training loss")
@@ -270,8 +297,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--no_packing", dest="packing", action="store_false")
     p.add_argument("--evaluate", action="store_true")
-    p.add_argument("--gradient_checkpointing", action="store_true",
-                   help="finetune-lab recomputes the layers' activations in the backward pass (its default: off)")
+    p.add_argument("--gradient_checkpointing", default="off",
+                   help="finetune-lab recomputes the layers' activations in the backward pass: off (its default), on, or on,off (both runs)")
+    p.add_argument("--trl_huge_pages", default="off",
+                   help="TRL also with finetune-lab's huge-page allocator setting: off, on, or off,on (both runs)")
     p.add_argument("--trl_gradient_checkpointing", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                    help="TRL's SFTConfig.gradient_checkpointing (TRL's default: true)")
     p.add_argument("--name", default="sgd_assistant", help="report name: benchmarks/results/<name>.json and <name>_loss.png")
@@ -279,6 +308,9 @@ def main() -> None:
     p.add_argument("--skip", default="", help="comma-separated children to skip, e.g. base,trl")
     p.add_argument("--work", default=os.path.join(RESULTS, "sgd_assistant_work"))
     args = p.parse_args()
+    args.checkpointing = switches(args.gradient_checkpointing, "--gradient_checkpointing")
+    args.huge_pages_runs = switches(args.trl_huge_pages, "--trl_huge_pages")
+    args.gradient_checkpointing, args.huge_pages = args.checkpointing[0], args.huge_pages_runs[0]
     os.makedirs(args.work, exist_ok=True)
     args.train = os.path.join(args.work, f"train_{args.n_train}.jsonl")
     args.val = os.path.join(args.work, "val_16.jsonl")
@@ -297,30 +329,33 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     results = [] if "base" in skip else [run_child("base", args.evaluate_precision, args)]
     for precision in args.precisions.split(","):
-        for kind in ("ours", "trl"):
-            if kind not in skip:
-                results.append(run_child(kind, precision, args))
+        if "ours" not in skip:
+            results += [run_child("ours", precision, args, gradient_checkpointing=gc) for gc in args.checkpointing]
+        if "trl" not in skip:
+            results += [run_child("trl", precision, args, huge_pages=hp) for hp in args.huge_pages_runs]
     report = {"device": accelerator(), "torch_threads": args.threads, "settings": {k: getattr(args, k) for k in
-              ("steps", "batch_size", "max_length", "lr", "n_train", "n_test", "n_eval_val", "packing", "gradient_checkpointing",
-               "trl_gradient_checkpointing")},
+              ("steps", "batch_size", "max_length", "lr", "n_train", "n_test", "n_eval_val", "packing", "checkpointing",
+               "trl_gradient_checkpointing", "huge_pages_runs")},
               "lora": LORA, "results": results, "wall_seconds": time.time() - t0}
     print("\n| system | precision | steps | supervised tokens | train s | tokens/s | peak RSS MB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if "tokens_per_s" in r:
-            print(f"| {r['system']} | {r['precision']} | {r['steps']} | {r['supervised_tokens']} | {r['train_seconds']:.0f} | "
+            print(f"| {label(r)} | {r['precision']} | {r['steps']} | {r['supervised_tokens']} | {r['train_seconds']:.0f} | "
                   f"{r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} |")
     ratios = {}
     for precision in args.precisions.split(","):
-        ours = next((r for r in results if r["system"] == "finetune-lab" and r["precision"] == precision), None)
-        trl = next((r for r in results if r["system"] == "trl" and r["precision"] == precision), None)
-        if ours and trl:
-            ratios[precision] = {"tokens_per_s_ratio": ours["tokens_per_s"] / trl["tokens_per_s"],
-                                 "peak_rss_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
-                                 "final_loss_ours_last10": sum(ours["losses"][-10:]) / len(ours["losses"][-10:]),
-                                 "final_loss_trl_last10": sum(trl["losses"][-10:]) / len(trl["losses"][-10:])}
-            print(f"{precision}: finetune-lab / TRL tokens/s = {ratios[precision]['tokens_per_s_ratio']:.2f}x (target >= 1.3x), "
-                  f"peak RSS = {ratios[precision]['peak_rss_ratio']:.2f}x (target <= 0.7x)")
+        ours = [r for r in results if r["system"] == "finetune-lab" and r["precision"] == precision]
+        trl = [r for r in results if r["system"] == "trl" and r["precision"] == precision]
+        for a in ours:
+            for b in trl:
+                key = f"{precision}: {label(a)} / {label(b)}"
+                ratios[key] = {"tokens_per_s_ratio": a["tokens_per_s"] / b["tokens_per_s"],
+                               "peak_rss_ratio": a["peak_rss_mb"] / b["peak_rss_mb"],
+                               "final_loss_ours_last10": sum(a["losses"][-10:]) / len(a["losses"][-10:]),
+                               "final_loss_trl_last10": sum(b["losses"][-10:]) / len(b["losses"][-10:])}
+                print(f"{key}: tokens/s = {ratios[key]['tokens_per_s_ratio']:.2f}x (target >= 1.3x), "
+                      f"peak RSS = {ratios[key]['peak_rss_ratio']:.2f}x (target <= 0.7x)")
     report["ratios"] = ratios
     before = next((r["before"] for r in results if "before" in r), None)
     after = next((r["after"] for r in results if "after" in r), None)

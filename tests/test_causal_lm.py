@@ -3,9 +3,11 @@ checks, generation, perplexity (also under DDP), export + pipeline, resume, `fin
 import json
 import os
 import signal
+import types
 
 import lightning as L
 import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -439,6 +441,44 @@ def test_the_fused_head_loss_equals_autograd_with_bias_softcap_and_smoothing():
         reference = torch.autograd.grad(plain * 0.7, [hidden, head.weight, head.bias])
         assert abs(fused.item() - plain.item()) < 1e-10
         assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads, reference))
+
+
+def test_under_bf16_autocast_the_head_casts_once_and_matches_autocast_itself(monkeypatch):
+    """The fused loss and the frozen-head function cast the weight once per pass (not per chunk), with the
+    same result as letting autocast cast it in every call."""
+    from lightning_modules.tasks import causal_lm
+    from lightning_modules.tasks.causal_lm import CausalLM, fused_linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False)
+    head.weight.requires_grad_(False)  # frozen, as under LoRA: autocast does not cache its cast
+    hidden = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (40,))
+    casts = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        if self is head.weight:
+            casts.append(args)
+        return real_to(self, *args, **kwargs)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = sum(F.cross_entropy(head(hidden[i:i + 8]).float(), targets[i:i + 8], reduction="sum") for i in range(0, 40, 8))
+        ref_grad, = torch.autograd.grad(reference, hidden)
+        monkeypatch.setattr(torch.Tensor, "to", counting_to)
+        fused = fused_linear_cross_entropy_sum(hidden, targets, head, vocab=300, chunk_size=8)
+        monkeypatch.undo()
+        assert len(casts) == 1  # five chunks, one cast
+        grad, = torch.autograd.grad(fused, hidden)
+        model = torch.nn.Module()
+        model.config = types.SimpleNamespace()
+        model.get_output_embeddings = lambda: head
+        frozen = CausalLM.head_of(model)
+        chunked = causal_lm.chunked_token_losses(hidden.detach(), targets, frozen, vocab=300, chunk_size=8)
+    assert torch.allclose(fused.float(), reference.float(), rtol=1e-3)
+    assert torch.allclose(grad, ref_grad, rtol=2e-2, atol=1e-3) and grad.dtype == torch.float32
+    assert torch.allclose(chunked.sum(), reference.detach().float(), rtol=1e-3)
+    assert frozen(hidden[:3].detach()).dtype == torch.float32  # outside autocast it is the plain head
 
 
 def test_a_smaller_student_from_backbone_layers_distils_from_a_checkpoint_teacher(chat, overfit, tmp_path):

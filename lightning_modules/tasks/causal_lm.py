@@ -4,9 +4,11 @@ The loss is next-token cross-entropy over the *supervised* tokens only (`labels 
 `datamodules.chat.ChatDataModule`: assistant turns, the last one, or every token). The LM head is applied
 only at those positions: the model's forward runs with a pre-hook on its output embedding that keeps the
 final hidden states and hands the head an empty slice, so no (batch, length, vocabulary) logits tensor is
-made; the head then runs on the gathered positions in chunks, each recomputed in the backward pass
-(activation checkpointing), so at most one chunk's logits exist at a time. With a 262k vocabulary this is
-what makes a step fit: the logits of 4 x 512 tokens alone would be 2 GB in float32.
+made; the head then runs on the gathered positions in chunks, so at most one chunk's logits exist at a
+time. For a plain linear head the training loss computes each chunk's gradients in the same pass
+(`_FusedLinearCrossEntropy`); other heads have each chunk recomputed in the backward pass (activation
+checkpointing). With a 262k vocabulary this is what makes a step fit: the logits of 4 x 512 tokens alone
+would be 2 GB in float32.
 """
 from __future__ import annotations
 
@@ -50,6 +52,31 @@ class CausalLMOutput:
         """Full logits (B, T, V): only for small models and tests; training never builds them."""
         B, T, H = self.hidden.shape
         return self.head(self.hidden.reshape(B * T, H)).reshape(B, T, -1)
+
+
+def frozen_linear_under_autocast(lm_head: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """For a frozen plain nn.Linear head: a function equal to it that, under autocast, casts the weight once
+    and reuses it across the chunks of one forward pass (autocast itself caches casts of trainable leaves only,
+    so it would cast a 262k x 640 weight again for every chunk). None for other heads."""
+    if type(lm_head) is not nn.Linear or lm_head.weight.requires_grad:
+        return None
+    cast: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+
+    def head(h: Tensor) -> Tensor:
+        device = h.device.type
+        if not torch.is_autocast_enabled(device):
+            return lm_head(h)
+        dtype = torch.get_autocast_dtype(device)
+        key = (device, dtype, lm_head.weight._version)
+        if key not in cast:
+            cast.clear()
+            bias = lm_head.bias.to(dtype) if lm_head.bias is not None else None
+            cast[key] = (lm_head.weight.to(dtype), bias)
+        weight, bias = cast[key]
+        with torch.autocast(device, enabled=False):
+            return F.linear(h.to(dtype), weight, bias)
+
+    return head
 
 
 def chunk_rows(vocab: int, chunk_size: int | None) -> int:
@@ -143,7 +170,17 @@ def fused_linear_cross_entropy_sum(hidden: Tensor, targets: Tensor, head: nn.Lin
                                    label_smoothing: float = 0.0, softcap: float | None = None) -> Tensor:
     """The summed cross-entropy of a plain linear LM head on hidden rows (N, H), in chunks, gradients in the same pass."""
     size = chunk_rows(vocab, chunk_size)
-    return _FusedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, size, label_smoothing, softcap)
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return _FusedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, size, label_smoothing, softcap)
+    # Under autocast every chunk's two matmuls would cast the head's weight again (autocast caches casts of
+    # trainable leaves only, and a LoRA run's head is frozen): 2 x 168M values per chunk for Gemma 3. Cast the
+    # operands once, as autocast would, and run the chunks without it.
+    dtype = torch.get_autocast_dtype(device)
+    bias = head.bias.to(dtype) if head.bias is not None else None
+    with torch.autocast(device, enabled=False):
+        return _FusedLinearCrossEntropy.apply(hidden.to(dtype), head.weight.to(dtype), bias, targets, size, label_smoothing,
+                                              softcap)
 
 
 def chunked_kl(student: Tensor, teacher: Tensor, student_head: Callable, teacher_head: Callable, vocab: int,
@@ -310,9 +347,10 @@ class CausalLM(Task):
         """The model's LM head as a function of hidden rows, with its final logit soft-capping if any."""
         lm_head = model.get_output_embeddings()
         cap = getattr(model.config, "final_logit_softcapping", None)
+        linear = frozen_linear_under_autocast(lm_head)
         if not cap:
-            return lm_head
-        return lambda h: torch.tanh(lm_head(h) / cap) * cap
+            return linear or lm_head
+        return lambda h: torch.tanh((linear or lm_head)(h) / cap) * cap
 
     def forward(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> CausalLMOutput:
         inputs = self.model_inputs(batch)
