@@ -1,6 +1,6 @@
 """Quiet re-measure of inference samples/s: teacher vs its [0,2,4] and [0,3] layer subsets (same compute as the
 trained students), interleaved, 3 repeats each, over the SST-2 validation set (batch 64, max_length 64)."""
-import os, sys, time, json, glob
+import os, sys, time, json
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from common import sst2_setup
