@@ -20,9 +20,11 @@ runs TRL with that setting, so the memory gap it closes is visible on both sides
 
 Run from the repository root (needs the bench extra: `.venv/bin/pip install -e ".[bench]"`):
 
-    .venv/bin/python benchmarks/sgd_assistant.py --steps 24 --n_train 200 --n_test 200 --n_eval_val 100   # the reported run (1 h)
-    .venv/bin/python benchmarks/sgd_assistant.py --steps 24 --n_train 200 --skip base --gradient_checkpointing on,off \
-        --trl_huge_pages off,on --evaluate_precision none --name sgd_assistant_memory                   # speed and memory only
+    .venv/bin/python benchmarks/sgd_assistant.py --steps 24 --n_train 200 --n_test 200 --n_eval_val 100   # speed, memory, quality (1 h)
+    .venv/bin/python benchmarks/sgd_assistant.py --steps 300 --n_train 1250 --n_test 200 --n_eval_val 100 --skip base,trl \
+        --precisions bf16 --gradient_checkpointing on --name sgd_assistant_45min           # 45 min of training, 1 epoch
+    .venv/bin/python benchmarks/sgd_assistant.py --steps 24 --n_train 200 --skip base --precisions bf16 \
+        --gradient_checkpointing on,off --trl_huge_pages off,on --evaluate_precision none --name sgd_assistant_memory_bf16
     .venv/bin/python benchmarks/sgd_assistant.py --steps 4 --n_test 8 --n_eval_val 8   # a smoke run
 
 On a machine with a GPU the children train there (bf16 autocast) and the report says so. Writes

@@ -12,7 +12,9 @@ On top of LightningCLI it
    is overwritten), removed again when the run fails before it trained or wrote anything;
 5. logs to W&B (offline unless WANDB_MODE / WANDB_API_KEY say otherwise, falling back to offline when
    the server cannot be reached) and to a CSV file in that directory;
-6. prints bad input (`InputError`: data, config, checkpoint, backbone) as one line without a traceback.
+6. prints bad input (`InputError`: data, config, checkpoint, backbone) as one line without a traceback;
+7. adds `finetune chat`, `finetune compare`, `finetune sweep`, `finetune sync` and `finetune fit --seeds`
+   (see `main`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ import shutil
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -34,6 +35,10 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from callbacks import DistillationReport, GenerationSamples, HFExport, JsonlPredictionWriter, PerTypeReport, RobustnessEval, RunSummary, TaskCheckpoint
 from callbacks.checkpoint import CheckpointError, check_checkpoint, checkpoint_problem
 from finetune_lab.errors import InputError
+from finetune_lab.multirun import experiment_name
+from finetune_lab.multirun import record as record_multirun
+
+SWEEP_ENV = "FINETUNE_SWEEP"  # finetune_lab.sweep.ENV (not imported here: it needs optuna only in sweeps)
 from lightning_modules import TaskModule
 from lightning_modules.module import checkpoint_identity_mismatches, config_identity
 
@@ -48,9 +53,15 @@ class ConfigToLoggers(SaveConfigCallback):
     """Writes config.yaml to the run directory and the resolved config into every logger (W&B too)."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        from finetune_lab.compare import flatten
+
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
-            logger.log_hyperparams(config)
+            # W&B gets dotted keys (model.lr, model.regimes.0.class_path, data.init_args.max_length), so
+            # its filters, grouping and parallel coordinates reach every config value
+            logger.log_hyperparams(flatten(config) if isinstance(logger, WandbLogger) else config)
 
 
 def _say(message: str) -> None:
@@ -221,6 +232,8 @@ class FinetuneCLI(LightningCLI):
                             help="Run name; runs go to <run_root>/<experiment>/version_N. Default: the config file names.")
         parser.add_argument("--run_root", type=str, default="runs", help="Folder that holds all runs.")
         parser.add_argument("--wandb_project", type=str, default="finetune-lab", help="W&B project of the run.")
+        parser.add_argument("--tensorboard", type=bool, default=False,
+                            help="Also log to TensorBoard (<run dir>/tensorboard; same scalar names as W&B and metrics.csv).")
         parser.add_argument("--wandb_init_timeout", type=float, default=15.0,
                             help="Seconds to wait for the W&B server before logging offline instead.")
         parser.add_lightning_class_args(TaskCheckpoint, "checkpoint")
@@ -245,8 +258,7 @@ class FinetuneCLI(LightningCLI):
         return sub, (self.config[sub] if sub else self.config)
 
     def _experiment(self, cfg) -> tuple[str, str]:
-        configs = [Path(str(c)).stem for c in (cfg.get("config") or []) if Path(str(c)).stem != "defaults"]
-        experiment = cfg.experiment or ("+".join(configs) if configs else "default")
+        experiment = experiment_name([str(c) for c in (cfg.get("config") or [])], cfg.experiment)
         return experiment, os.path.join(cfg.run_root, experiment)
 
     def _parse_ckpt_path(self) -> None:
@@ -318,26 +330,55 @@ class FinetuneCLI(LightningCLI):
             os.environ["FINETUNE_RUN_DIR"] = run_dir  # inherited by the processes Lightning's DDP launches
             self.run_dir = run_dir  # this process made it: it removes it again if the run fails early
         cfg.trainer.default_root_dir = run_dir
+        if self.run_dir is not None:  # the process that owns the directory records where it came from
+            record_multirun(run_dir)
+            if sub == "fit" and cfg.get("ckpt_path"):
+                self._link_resumed(str(cfg.ckpt_path), run_dir)
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
+        seed = cfg.get("seed_everything")
+        seed_suffix = f"-seed{seed}" if isinstance(seed, int) and not isinstance(seed, bool) else ""
         if cfg.trainer.logger in (None, True):
             cfg.trainer.logger = [
                 {"class_path": "finetune_lab.loggers.FinetuneWandbLogger",
                  "init_args": {"save_dir": run_dir, "project": cfg.wandb_project, "group": experiment,
-                               "name": f"{experiment}/{os.path.basename(run_dir)}", "job_type": sub or "fit",
+                               "name": f"{experiment}/{os.path.basename(run_dir)}" + seed_suffix, "job_type": sub or "fit",
                                "init_timeout": cfg.wandb_init_timeout}},
                 {"class_path": "finetune_lab.loggers.RunCSVLogger",
                  "init_args": {"save_dir": run_dir, "name": "", "version": ""}},
             ]
+            if cfg.get("tensorboard"):
+                cfg.trainer.logger.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                           "init_args": {"save_dir": run_dir, "name": "tensorboard", "version": "",
+                                                         "default_hp_metric": False}})
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         from finetune_lab.loggers import FinetuneWandbLogger
 
+        sub, _ = self._subcommand_config()
+        if sub == "fit" and os.environ.get(SWEEP_ENV):  # a trial of `finetune sweep`: report to it, maybe prune
+            from finetune_lab.sweep import pruning_callback
+
+            self.trainer.callbacks.append(pruning_callback())
         tags = [self.model.task.tag(), *(self.model.regime_tags() or ["full-finetune"])]
         for logger in self.trainer.loggers:
             if isinstance(logger, FinetuneWandbLogger):
                 logger.set_tags(tags)
+
+    @staticmethod
+    def _link_resumed(ckpt_path: str, run_dir: str) -> None:
+        """A fit resumed from a checkpoint of another run directory continues that run: `resumed_from` here
+        and `resumed_in` there, so `finetune compare` counts the pair once, with the curve of both parts."""
+        previous = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
+        if os.path.basename(os.path.dirname(os.path.abspath(ckpt_path))) != "checkpoints" or \
+                not os.path.isfile(os.path.join(previous, "config.yaml")) or os.path.samefile(previous, run_dir) or \
+                os.path.isfile(os.path.join(previous, "final_metrics.json")):  # a finished run stays a run of its own
+            return
+        with open(os.path.join(run_dir, "resumed_from"), "w") as f:
+            f.write(previous + "\n")
+        with open(os.path.join(previous, "resumed_in"), "w") as f:
+            f.write(os.path.abspath(run_dir) + "\n")
 
     def _discard_unused_run_dir(self) -> None:
         """After a failure: remove the run directory this process created when nothing in it is a result
@@ -351,6 +392,12 @@ class FinetuneCLI(LightningCLI):
                    for p in glob.glob(os.path.join(run_dir, pattern))]
         if trained or results:
             return
+        marker = os.path.join(run_dir, "resumed_from")
+        if os.path.isfile(marker):  # the run it was to continue is not continued after all
+            with open(marker) as f:
+                previous = os.path.join(f.read().strip(), "resumed_in")
+            if os.path.isfile(previous):
+                os.remove(previous)
         shutil.rmtree(run_dir, ignore_errors=True)
         _say(f"Removed the run directory {run_dir}: the run failed before it trained or wrote a result.")
 
@@ -406,14 +453,35 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FinetuneCLI:
 
 def main() -> None:
     """Console entry point `finetune`: bad input is one line on stderr and exit status 2. `finetune chat`
-    talks to a causal LM (`finetune_lab.chat`); every other subcommand is LightningCLI's."""
+    talks to a causal LM (`finetune_lab.chat`), `finetune compare` compares runs (`finetune_lab.compare`),
+    `finetune sync` uploads offline W&B runs (`finetune_lab.sync`), `finetune sweep` searches hyperparameters
+    (`finetune_lab.sweep`), `finetune fit --seeds` runs a config
+    once per seed (`finetune_lab.multirun`); every other subcommand is LightningCLI's."""
     try:
-        if len(sys.argv) > 1 and sys.argv[1] == "chat":
+        command = sys.argv[1] if len(sys.argv) > 1 else None
+        if command == "chat":
             from finetune_lab.chat import main as chat_main
 
             quiet_framework_noise()
             chat_main(sys.argv[2:])
             return
+        if command == "compare":
+            from finetune_lab.compare import main as compare_main
+
+            sys.exit(compare_main(sys.argv[2:]))
+        if command == "sweep":
+            from finetune_lab.sweep import main as sweep_main
+
+            quiet_framework_noise()
+            sys.exit(sweep_main(sys.argv[2:]))
+        if command == "sync":
+            from finetune_lab.sync import main as sync_main
+
+            sys.exit(sync_main(sys.argv[2:]))
+        if command == "fit" and any(a == "--seeds" or a.startswith("--seeds=") for a in sys.argv[2:]):
+            from finetune_lab.multirun import run as multirun
+
+            sys.exit(multirun(sys.argv[2:]))
         build_cli()
     except InputError as e:
         if os.environ.get("FINETUNE_TRACEBACK"):

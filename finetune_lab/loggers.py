@@ -14,13 +14,15 @@ OFFLINE_MODES = ("offline", "dryrun")
 
 
 def wandb_mode() -> str:
-    """"online", "offline" or "disabled": `WANDB_MODE` first, else online only with `WANDB_API_KEY`."""
+    """"online", "offline" or "disabled": `WANDB_MODE` first, else online only with `WANDB_API_KEY` (or in a
+    W&B sweep agent's run, `WANDB_SWEEP_ID`)."""
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
     if mode in OFFLINE_MODES:
         return "offline"
     if mode in ("online", "disabled"):
         return mode
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    # a W&B sweep agent's run must reach the server (the agent itself is logged in)
+    return "online" if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_SWEEP_ID") else "offline"
 
 
 def wandb_reachable(timeout: float) -> str | None:

@@ -179,7 +179,8 @@ def test_wandb_offline_run_holds_config_and_final_metrics(fitted_run):
     run_rec = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run_rec.run_group == "toy" and set(run_rec.tags) == {"sequenceclassification", "full-finetune"}
     config_keys = {item.key for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update}
-    assert {"model", "data", "trainer"} <= config_keys
+    assert {"model.lr", "model.task.class_path", "data.init_args.batch_size", "trainer.max_epochs", "seed_everything"} <= config_keys
+    assert not {"model", "data", "trainer"} & config_keys  # flattened: every key filterable in W&B
     summary = {}
     for r in records:
         if r.WhichOneof("record_type") == "summary":
