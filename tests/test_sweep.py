@@ -47,8 +47,14 @@ def test_overrides_set_list_items_through_the_whole_list():
     assert resolved["model"]["regimes"][0]["init_args"]["config"]["r"] == 4  # the resolved config is not changed
     labelled = {"model.regimes": {"type": "categorical", "choices": {"full": [], "lora": [LORA]}}}
     assert sweep.overrides(resolved, labelled, {"model.regimes": "full"}) == ["--model.regimes=[]"]
-    with pytest.raises(sweep.SweepError, match="has 1 item"):
-        sweep.overrides(resolved, {"model.regimes.3.x": {"type": "categorical", "choices": [1]}}, {"model.regimes.3.x": 1})
+    # a list item the trial's config does not have (a LoRA rank in a trial that chose no regimes): not applied
+    both = {**labelled, "model.regimes.0.init_args.config.r": {"type": "categorical", "choices": [4, 16]}}
+    values, inactive = sweep.apply_params(resolved, both, {"model.regimes.0.init_args.config.r": 16, "model.regimes": "full"})
+    assert values == {"model.regimes": []} and inactive == ["model.regimes.0.init_args.config.r"]
+    values, inactive = sweep.apply_params(resolved, both, {"model.regimes.0.init_args.config.r": 16, "model.regimes": "lora"})
+    assert values["model.regimes"][0]["init_args"]["config"]["r"] == 16 and inactive == []
+    with pytest.raises(sweep.SweepError, match="is not a list"):
+        sweep.overrides(resolved, {"model.lr.0": {"type": "categorical", "choices": [1]}}, {"model.lr.0": 1})
 
 
 @pytest.fixture
