@@ -1,6 +1,8 @@
 """`finetune fit ... --seeds 0,1,2`: the same config once per seed, one after the other.
 
-Each seed is a normal `finetune fit` run (a child process with `--seed_everything S`): its own run
+Each seed is a normal `finetune fit` run (a child process with `--seed_everything S`, which sets the
+initialisation and dropout, and `--data.init_args.seed S`, the DataModule's training order and any
+validation carve-out, unless the command fixes `--data.init_args.seed` itself): its own run
 directory under `<run_root>/<experiment>/`, its own W&B run (the seed in its name and config), all in the
 experiment's W&B group. Each run directory records the multirun it belongs to (`multirun.json`: the seed
 and the command line without `--seeds`), so the same command run again after a kill continues where it
@@ -161,6 +163,8 @@ def run(argv: list[str]) -> int:
             continue
         cmd = [sys.executable, "-m", "finetune_lab.cli", "fit", *rest, "--seed_everything", str(seed),
                "--experiment", experiment, "--run_root", run_root]
+        if not _option(rest, "--data.init_args.seed", "--data.seed"):  # the training order moves with the seed too
+            cmd += ["--data.init_args.seed", str(seed)]
         if state == "resume":
             say(f"seed {seed}: resuming from {where}")
             cmd += ["--ckpt_path", where]

@@ -178,6 +178,8 @@ def test_seeds_multirun_killed_mid_seed_continues_without_redoing_finished_seeds
     assert sorted(os.listdir(runs / "seeds")) == ["version_0", "version_1", "version_2"]  # seed 0 not redone
     seeds = {d: yaml.safe_load(open(runs / "seeds" / d / "config.yaml"))["seed_everything"] for d in os.listdir(runs / "seeds")}
     assert seeds == {"version_0": 0, "version_1": 1, "version_2": 1}
+    data_seed = yaml.safe_load(open(runs / "seeds" / "version_2" / "config.yaml"))["data"]["init_args"]["seed"]
+    assert data_seed == 1  # the training order moves with the seed
     assert (runs / "seeds" / "version_1" / "resumed_in").read_text().strip() == str(runs / "seeds" / "version_2")
     assert "mean +- std" in second.stdout  # the seeds' comparison at the end
     third = run_cli(cmd, cwd=tmp_path)
