@@ -351,7 +351,7 @@ def run_sweep(args, base: list[str]) -> int:
     best = study.best_trial
     say(f"best: trial {best.number}, {args.metric} = {best.value:.4f}, {json.dumps(best.params)} ({best.user_attrs.get('run_dir')})")
     written = write_best(root, resolved, space, best.params, args, best, base)
-    written += plots(study, root)
+    written += plots(study, root, args.metric)
     for path in written:
         say(f"wrote {path}")
     return 0
@@ -399,7 +399,7 @@ def write_best(root: str, resolved: dict, space: dict, params: dict, args, trial
     return [path]
 
 
-def plots(study, root: str) -> list[str]:
+def plots(study, root: str, metric: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,7 +409,8 @@ def plots(study, root: str) -> list[str]:
     from optuna.visualization import matplotlib as ovm
 
     written = []
-    ax = ovm.plot_optimization_history(study)
+    ax = ovm.plot_optimization_history(study, target_name=metric)
+    ax.set_ylabel(metric)
     ax.figure.set_size_inches(7.5, 4.5)
     ax.figure.tight_layout()
     path = os.path.join(root, "optimization_history.png")
