@@ -105,6 +105,22 @@ OVERRIDES = {"sst2_local.yaml": "sst2.yaml", "defaults.yaml": "quickstart.yaml",
                          ids=lambda p: os.path.relpath(p, ROOT))
 def test_every_experiment_yaml_parses(path, capsys):
     name = os.path.basename(path)
+    if os.path.basename(os.path.dirname(path)) == "sweeps":  # a sweep's search space, not a config
+        from finetune_lab.sweep import load_space, overrides
+
+        space = load_space(path)
+        base = [os.path.join(ROOT, "experiments", "quickstart.yaml"), os.path.join(ROOT, "experiments", "regimes", "lora.yaml")]
+        first = {k: (v["choices"][0] if v["type"] == "categorical" else v["low"]) for k, v in space.items()}
+        with pytest.raises(SystemExit):
+            build_cli(["fit"] + [a for c in base for a in ("-c", c)] + ["--print_config"])
+        resolved = yaml.safe_load(capsys.readouterr().out)
+        args = ["fit"] + [a for c in base for a in ("-c", c)] + overrides(resolved, space, first) + ["--print_config"]
+        with pytest.raises(SystemExit) as exit_info:
+            build_cli(args)
+        assert exit_info.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["regimes"][0]["init_args"]["config"]["r"] == first["model.regimes.0.init_args.config.r"]
+        return
     configs = [path]
     if name in OVERRIDES:
         configs = [os.path.join(ROOT, "experiments", OVERRIDES[name]), path]

@@ -60,7 +60,7 @@ def test_overrides_set_list_items_through_the_whole_list():
 @pytest.fixture
 def sweep_setup(tiny_backbone, toy_data, tmp_path):
     cfg = cli_config(tmp_path, tiny_backbone, toy_data, name="toy.yaml", **{
-        "trainer.max_epochs": 3, "trainer.logger": False})
+        "trainer.max_epochs": 2, "trainer.logger": False})
     return tmp_path, cfg
 
 
@@ -84,12 +84,12 @@ def test_pruning_stops_a_trial_far_below_the_median_and_the_best_config_runs(swe
     with open(os.path.join(pruned_dir, "sweep.json")) as f:
         assert json.load(f)["params"] == {"model.lr": 1e-9}
     pruned_at = json.load(open(os.path.join(pruned_dir, "pruned.json")))["step"]
-    assert pruned_at < 3 * 15  # stopped before the end of its 3 epochs
+    assert pruned_at < 2 * 15  # stopped before the end of its 2 epochs
     best = yaml.safe_load((root / "best.yaml").read_text())
     assert best["model"]["lr"] == 0.003 and "experiment" not in best
     assert (root / "optimization_history.png").stat().st_size > 10_000
     run_cli(["fit", "-c", str(root / "best.yaml"), "--run_root", str(tmp / "runs"), "--experiment", "best",
-             "--trainer.max_epochs", "1"], cwd=tmp)
+             "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"], cwd=tmp)  # runs from anywhere
 
 
 def _completed(root):
@@ -104,7 +104,8 @@ def test_a_sweep_killed_mid_trial_resumes_its_study_without_repeating_finished_t
     space = write_space(tmp, {"model.lr": {"type": "float", "low": 1e-3, "high": 5e-3, "log": True},
                               "model.weight_decay": {"type": "float", "low": 0.0, "high": 0.1}})
     cmd = ["sweep", "-c", cfg, "--run_root", str(tmp / "runs"), "--space", space, "--trials", "3",
-           "--metric", "val/accuracy", "--heartbeat", "1", "--sampler", "random", "--trainer.max_epochs", "1"]
+           "--metric", "val/accuracy", "--heartbeat", "1", "--sampler", "random", "--trainer.max_epochs", "1",
+           "--trainer.limit_val_batches", "1"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     root = tmp / "runs" / "toy-sweep"
     proc = subprocess.Popen([sys.executable, "-m", "finetune_lab.cli", *cmd], cwd=tmp, env=env, start_new_session=True,
