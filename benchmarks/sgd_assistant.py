@@ -103,7 +103,8 @@ def child_ours(args) -> dict:
     dm = ChatDataModule(tokenizer="gemma3-270m", data_files={"train": args.train, "validation": args.val}, max_length=args.max_length,
                         packing=args.packing, batch_size=args.batch_size, seed=0, **FIELDS)
     module = TaskModule(CausalLM(num_generations=0, gradient_checkpointing=args.gradient_checkpointing), backbone="gemma3-270m",
-                        regimes=[Peft("LORA", dict(LORA))], lr=args.lr, warmup=0.1, lr_schedule="linear")
+                        regimes=[Peft("LORA", dict(LORA))], lr=args.lr, warmup=0.1, lr_schedule="linear",
+                        frozen_dtype="autocast" if args.frozen_half else "keep")
 
     class Meter(L.Callback):
         def __init__(self):
@@ -129,7 +130,8 @@ def child_ours(args) -> dict:
     out = {"system": "finetune-lab", "precision": args.precision, "steps": len(meter.losses), "supervised_tokens": meter.tokens,
            "train_seconds": meter.seconds, "tokens_per_s": meter.tokens / meter.seconds, "losses": meter.losses,
            "peak_rss_mb": peak_rss_mb(), "rows": len(dm.encoded("train")), "packing": args.packing,
-           "gradient_checkpointing": args.gradient_checkpointing, "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
+           "gradient_checkpointing": args.gradient_checkpointing,
+           "frozen_dtype": "autocast" if args.frozen_half and precision != "32-true" else "keep", "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
     if args.evaluate:
         out["after"] = evaluate(module, args)
     return out
@@ -233,8 +235,10 @@ def child_trl(args) -> dict:
 
 
 # ---------------------------------------------------------------- parent
-def run_child(kind: str, precision: str, args, gradient_checkpointing: bool = False, huge_pages: bool = False) -> dict:
+def run_child(kind: str, precision: str, args, gradient_checkpointing: bool = False, huge_pages: bool = False,
+              frozen_half: bool = False) -> dict:
     tag = "_gc" if gradient_checkpointing and kind == "ours" else ""
+    tag += "_fh" if frozen_half and kind == "ours" and precision != "fp32" else ""
     tag += "_thp" if huge_pages and kind == "trl" else ""
     out = os.path.join(args.work, f"{kind}{tag}_{precision}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--precision", precision, "--result", out]
@@ -243,8 +247,9 @@ def run_child(kind: str, precision: str, args, gradient_checkpointing: bool = Fa
     if not args.packing:
         cmd.append("--no_packing")
     cmd += ["--gradient_checkpointing", "on" if gradient_checkpointing else "off", "--trl_huge_pages", "on" if huge_pages else "off"]
-    cmd += ["--trl_gradient_checkpointing", str(args.trl_gradient_checkpointing)]
-    if kind == "ours" and precision == args.evaluate_precision and gradient_checkpointing == args.checkpointing[0]:
+    cmd += ["--trl_gradient_checkpointing", str(args.trl_gradient_checkpointing), "--frozen_half", "on" if frozen_half else "off"]
+    if (kind == "ours" and precision == args.evaluate_precision and gradient_checkpointing == args.checkpointing[0]
+            and frozen_half == args.frozen_half_runs[0]):
         cmd.append("--evaluate")
     t0 = time.time()
     label = f"{kind}{tag.replace('_', ' ')} {precision}"
@@ -260,6 +265,8 @@ def label(r: dict) -> str:
     extra = []
     if r["system"] == "finetune-lab" and r.get("gradient_checkpointing"):
         extra.append("checkpointing")
+    if r["system"] == "finetune-lab" and r.get("frozen_dtype") == "autocast":
+        extra.append("frozen bf16")
     if r["system"] == "trl" and r.get("huge_pages"):
         extra.append("huge pages")
     return r["system"] + (f" ({', '.join(extra)})" if extra else "")
@@ -301,6 +308,9 @@ def main() -> None:
     p.add_argument("--evaluate", action="store_true")
     p.add_argument("--gradient_checkpointing", default="off",
                    help="finetune-lab recomputes the layers' activations in the backward pass: off (its default), on, or on,off (both runs)")
+    p.add_argument("--frozen_half", default="off",
+                   help="finetune-lab with model.frozen_dtype: autocast (the frozen base stored in bf16 under bf16-mixed): "
+                        "off, on, or on,off (both runs)")
     p.add_argument("--trl_huge_pages", default="off",
                    help="TRL also with finetune-lab's huge-page allocator setting: off, on, or off,on (both runs)")
     p.add_argument("--trl_gradient_checkpointing", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
@@ -312,7 +322,9 @@ def main() -> None:
     args = p.parse_args()
     args.checkpointing = switches(args.gradient_checkpointing, "--gradient_checkpointing")
     args.huge_pages_runs = switches(args.trl_huge_pages, "--trl_huge_pages")
+    args.frozen_half_runs = switches(args.frozen_half, "--frozen_half")
     args.gradient_checkpointing, args.huge_pages = args.checkpointing[0], args.huge_pages_runs[0]
+    args.frozen_half = args.frozen_half_runs[0]
     os.makedirs(args.work, exist_ok=True)
     args.train = os.path.join(args.work, f"train_{args.n_train}.jsonl")
     args.val = os.path.join(args.work, "val_16.jsonl")
@@ -332,12 +344,13 @@ def main() -> None:
     results = [] if "base" in skip else [run_child("base", args.evaluate_precision, args)]
     for precision in args.precisions.split(","):
         if "ours" not in skip:
-            results += [run_child("ours", precision, args, gradient_checkpointing=gc) for gc in args.checkpointing]
+            results += [run_child("ours", precision, args, gradient_checkpointing=gc, frozen_half=fh)
+                        for gc in args.checkpointing for fh in args.frozen_half_runs]
         if "trl" not in skip:
             results += [run_child("trl", precision, args, huge_pages=hp) for hp in args.huge_pages_runs]
     report = {"device": accelerator(), "torch_threads": args.threads, "settings": {k: getattr(args, k) for k in
               ("steps", "batch_size", "max_length", "lr", "n_train", "n_test", "n_eval_val", "packing", "checkpointing",
-               "trl_gradient_checkpointing", "huge_pages_runs")},
+               "trl_gradient_checkpointing", "huge_pages_runs", "frozen_half_runs")},
               "lora": LORA, "results": results, "wall_seconds": time.time() - t0}
     print("\n| system | precision | steps | supervised tokens | train s | tokens/s | peak RSS MB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -156,25 +156,33 @@ def load_run(path: str) -> Run:
     return run
 
 
-def discover(patterns: list[str]) -> tuple[list[Run], list[tuple[str, str]]]:
-    """The runs named by `patterns` (run directories, experiment folders, globs), and the run directories
-    left out with why (continued in another run directory)."""
+def run_dirs(patterns: list[str], error: type[Exception] = None) -> list[str]:
+    """The run directories named by `patterns`: run directories, experiment folders (their version_N / job_N
+    run directories), or globs of either. `error` (CompareError by default) is raised on a pattern that names none."""
+    error = error or CompareError
     dirs: list[str] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
-            raise CompareError(f"{pattern}: matches no file or folder.")
+            raise error(f"{pattern}: matches no file or folder.")
         for path in matches:
             if not os.path.isdir(path):
-                raise CompareError(f"{path}: not a folder; pass run directories (runs/EXPERIMENT/version_N) or experiment folders.")
+                raise error(f"{path}: not a folder; pass run directories (runs/EXPERIMENT/version_N) or experiment folders.")
             if _is_run(path):
                 dirs.append(path)
                 continue
             inner = sorted(p for p in glob.glob(os.path.join(path, "*")) if os.path.isdir(p) and RUN_DIR.fullmatch(os.path.basename(p)))
             if not inner:
-                raise CompareError(f"{path}: neither a run directory (no config.yaml, metrics.csv or final_metrics.json) "
-                                   "nor an experiment folder (no version_N / job_N run directories in it).")
+                raise error(f"{path}: neither a run directory (no config.yaml, metrics.csv or final_metrics.json) "
+                            "nor an experiment folder (no version_N / job_N run directories in it).")
             dirs.extend(inner)
+    return dirs
+
+
+def discover(patterns: list[str]) -> tuple[list[Run], list[tuple[str, str]]]:
+    """The runs named by `patterns` (run directories, experiment folders, globs), and the run directories
+    left out with why (continued in another run directory)."""
+    dirs = run_dirs(patterns)
     seen, runs, left_out = set(), [], []
     for path in dirs:
         real = os.path.realpath(path)

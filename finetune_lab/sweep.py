@@ -400,23 +400,26 @@ def write_best(root: str, resolved: dict, space: dict, params: dict, args, trial
 
 
 def plots(study, root: str, metric: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna
     from optuna.importance import FanovaImportanceEvaluator
     from optuna.visualization import matplotlib as ovm
 
+    from finetune_lab.compare import _pyplot
+
+    plt = _pyplot()
     written = []
+
+    def save(ax, name: str) -> None:
+        ax.figure.set_size_inches(7.5, 4.5)
+        ax.figure.tight_layout()
+        path = os.path.join(root, name)
+        ax.figure.savefig(path, dpi=120)
+        plt.close(ax.figure)
+        written.append(path)
+
     ax = ovm.plot_optimization_history(study, target_name=metric)
     ax.set_ylabel(metric)
-    ax.figure.set_size_inches(7.5, 4.5)
-    ax.figure.tight_layout()
-    path = os.path.join(root, "optimization_history.png")
-    ax.figure.savefig(path, dpi=120)
-    plt.close(ax.figure)
-    written.append(path)
+    save(ax, "optimization_history.png")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(complete) >= 2 and len({p for t in complete for p in t.params}) >= 1:
         try:
@@ -424,12 +427,7 @@ def plots(study, root: str, metric: str) -> list[str]:
         except Exception as e:  # noqa: BLE001 - e.g. every trial with the same value: the sweep's result stands
             say(f"no parameter-importance plot: {e}")
         else:
-            ax.figure.set_size_inches(7.5, 4.5)
-            ax.figure.tight_layout()
-            path = os.path.join(root, "param_importances.png")
-            ax.figure.savefig(path, dpi=120)
-            plt.close(ax.figure)
-            written.append(path)
+            save(ax, "param_importances.png")
     return written
 
 

@@ -25,14 +25,11 @@ class SyncError(InputError):
 
 def offline_runs(paths: list[str]) -> list[str]:
     """The `wandb/offline-run-*` folders of the run directories in `paths` (run dirs, experiment folders, globs)."""
+    from finetune_lab.compare import run_dirs
+
     found: list[str] = []
-    for pattern in paths:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches or not all(os.path.isdir(m) for m in matches):
-            raise SyncError(f"{pattern}: no such folder; pass run directories or experiment folders (runs/EXPERIMENT).")
-        for path in matches:
-            for depth in ("wandb/offline-run-*", "*/wandb/offline-run-*"):
-                found += sorted(p for p in glob.glob(os.path.join(path, depth)) if os.path.isdir(p))
+    for path in run_dirs(paths, SyncError):
+        found += sorted(p for p in glob.glob(os.path.join(path, "wandb/offline-run-*")) if os.path.isdir(p))
     found = list(dict.fromkeys(found))
     if not found:
         raise SyncError(f"No offline W&B runs under {' '.join(paths)} (looked for <run dir>/wandb/offline-run-*).")

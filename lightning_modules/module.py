@@ -107,6 +107,10 @@ def checkpoint_identity_mismatches(checkpoint: Mapping[str, Any], current: Mappi
     return problems
 
 
+def _output_to_float32(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+    return output.float() if output.is_floating_point() and output.dtype != torch.float64 else output
+
+
 class TaskModule(L.LightningModule):
     """Fine-tune a backbone on a Task under a list of Regimes.
 
@@ -125,6 +129,12 @@ class TaskModule(L.LightningModule):
         adam_betas: AdamW betas.
         adam_eps: AdamW epsilon.
         fused: use the fused AdamW kernel (fastest on CPU and CUDA).
+        frozen_dtype: `autocast`: under a mixed-precision trainer (`bf16-mixed`, `16-mixed`), store the frozen
+            weights of Linear and Embedding layers (a LoRA run's whole base) in the autocast dtype: half their
+            memory, and no per-step casts, since autocast ran their matmuls in that dtype anyway. Embedding
+            outputs are cast back to float32, so the residual stream stays float32 as under plain autocast
+            (the one numerical change is the embedding table's rounding); norms and everything trainable stay
+            float32. `keep` (default): frozen weights stay as loaded. No effect at full precision.
     """
 
     def __init__(
@@ -141,6 +151,7 @@ class TaskModule(L.LightningModule):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         fused: bool = True,
+        frozen_dtype: Literal["keep", "autocast"] = "keep",
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -174,6 +185,7 @@ class TaskModule(L.LightningModule):
         self._restored = False  # a checkpoint replaced the backbone's weights
         self._tokenizer_fingerprint: str | None = None
         self._loss_fn = None
+        self._base_fingerprint: str | None = None  # of the frozen weights as built, before frozen_dtype cast them
 
     # ---------------------------------------------------------------- building
     def _datamodule_info(self) -> DataInfo | None:
@@ -195,6 +207,44 @@ class TaskModule(L.LightningModule):
         # Without it (e.g. predict from a checkpoint) the model is built in on_load_checkpoint instead.
         if self.model is None and (info := self._datamodule_info()) is not None:
             self.build(info)
+        self._store_frozen_in_autocast_dtype()
+
+    def _store_frozen_in_autocast_dtype(self) -> None:
+        """`frozen_dtype: autocast` (see the class doc): once per built model, under a mixed-precision trainer."""
+        if self.hparams.get("frozen_dtype", "keep") == "keep" or self.model is None or self._base_fingerprint is not None:
+            return
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        if "mixed" not in precision:
+            return
+        unfreezing = [r.tag() for r in self.regimes if r.unfreezes_later]
+        if unfreezing:
+            raise ValueError(f"model.frozen_dtype: autocast stores frozen weights in half precision, but {unfreezing} "
+                             "unfreeze weights during training (AdamW needs float32 weights): use frozen_dtype: keep.")
+        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        self._base_fingerprint = frozen_fingerprint(self.model)
+        cast = 0
+        for module in self.model.modules():
+            if not isinstance(module, (nn.Linear, nn.Embedding)):
+                continue
+            changed = False
+            for p in module.parameters(recurse=False):
+                if not p.requires_grad and p.dtype == torch.float32:  # a tied weight is cast once, both stay tied
+                    p.data = p.data.to(dtype)
+                    cast += p.numel()
+                    changed = True
+            if changed and isinstance(module, nn.Embedding):
+                module.register_forward_hook(_output_to_float32)
+        # Weights loaded from safetensors are views of one memory-mapped file, whose pages stay resident while
+        # any view lives: give the tensors not cast (norms, trainable weights) their own memory, so the mapping
+        # (the whole float32 model) is released.
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:
+            if tensor.dtype == torch.float32:
+                tensor.data = tensor.data.clone()
+        rank_zero_info(f"model.frozen_dtype: {cast:,} frozen weights stored in {str(dtype).removeprefix('torch.')}.")
+
+    def frozen_base_fingerprint(self) -> str:
+        """The fingerprint of the frozen weights as built (frozen_dtype may have cast them since)."""
+        return self._base_fingerprint or frozen_fingerprint(self._require_model())
 
     def build(self, info: DataInfo | Mapping[str, Any]) -> None:
         """Build the model for data described by `info` (a DataModule's `data_info`)."""
@@ -375,7 +425,7 @@ class TaskModule(L.LightningModule):
         if self.trainable_only_checkpoint:
             frozen = {f"model.{n}" for n, p in self._require_model().named_parameters() if not p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
-            checkpoint["frozen_base"] = {"backbone": self.backbone.name, "fingerprint": frozen_fingerprint(self.model),
+            checkpoint["frozen_base"] = {"backbone": self.backbone.name, "fingerprint": self.frozen_base_fingerprint(),
                                          "keys": len(frozen)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -399,7 +449,7 @@ class TaskModule(L.LightningModule):
             )
         if "frozen_base" in checkpoint:
             saved_base = checkpoint["frozen_base"]
-            if frozen_fingerprint(self.model) != saved_base["fingerprint"]:
+            if self.frozen_base_fingerprint() != saved_base["fingerprint"]:
                 raise CheckpointError(
                     f"This checkpoint holds only trainable weights, trained on the frozen base '{saved_base['backbone']}', "
                     f"but the base rebuilt from model.backbone='{self.backbone.name}' has different weights. "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import torch
 from torch import nn
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d)
@@ -46,6 +47,9 @@ def frozen_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         if not p.requires_grad:
-            t = p.detach().double()
-            h.update(f"{name}:{tuple(p.shape)}:{float(t.sum()):.6e}:{float(t.abs().sum()):.6e}".encode())
+            total = l1 = 0.0
+            for part in p.detach().reshape(-1).split(1 << 20):  # float64 sums, no float64 copy of a 262k x 640 embedding
+                total += float(part.sum(dtype=torch.float64))
+                l1 += float(part.abs().sum(dtype=torch.float64))
+            h.update(f"{name}:{tuple(p.shape)}:{total:.6e}:{l1:.6e}".encode())
     return h.hexdigest()

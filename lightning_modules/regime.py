@@ -27,6 +27,8 @@ class Regime:
     name: str | None = None  # used in run tags; defaults to the class name
     # True: checkpoints keep only trainable weights; the frozen base is rebuilt from its source on load
     trainable_only_checkpoint: bool = False
+    # True: frozen parameters become trainable during training (gradual unfreezing), so they must stay float32
+    unfreezes_later: bool = False
 
     def configure_model(self, model: nn.Module, task: Task) -> nn.Module:
         """Change or wrap the model (peft, freezing, BitFit). Return the model to train."""

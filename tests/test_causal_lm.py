@@ -502,3 +502,52 @@ def test_a_smaller_student_from_backbone_layers_distils_from_a_checkpoint_teache
     regime = student.regimes[0]
     assert regime.teacher is not None and not regime.teacher.training
     assert float(trainer.callback_metrics["train/loss_soft"]) < 0.5  # the one-layer student follows its teacher
+
+
+# ---------------------------------------------------------------- frozen base in bf16
+def test_frozen_dtype_autocast_stores_the_frozen_base_in_bf16_and_a_checkpoint_loads_on_a_float32_base(chat, tmp_path):
+    from lightning_modules.regimes import Freeze, Peft
+
+    dm = make_dm(chat)
+    dm.setup("fit")
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+    losses, modules = {}, {}
+    for frozen in ("keep", "autocast"):
+        module = make_module(chat, dm, regimes=[Peft("LORA", dict(lora))], frozen_dtype=frozen, lr=3e-3)
+        trainer = make_trainer(tmp_path, max_steps=6, precision="bf16-mixed", limit_val_batches=0, num_sanity_val_steps=0)
+
+        class Losses(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                losses.setdefault(frozen, []).append(float(outputs["loss"]))
+
+        trainer.callbacks.append(Losses())
+        trainer.fit(module, datamodule=dm)
+        modules[frozen] = (module, trainer)
+    module, trainer = modules["autocast"]
+    model = module.model
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if p.requires_grad:
+                assert p.dtype == torch.float32, name  # LoRA weights train in float32
+            elif isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                assert p.dtype == torch.bfloat16, name
+            else:
+                assert p.dtype == torch.float32, name  # norms stay float32
+    base = model.get_base_model()
+    assert base.get_input_embeddings().weight is base.get_output_embeddings().weight  # still tied
+    assert base.get_input_embeddings()(torch.tensor([[1, 2]])).dtype == torch.float32  # the residual stream stays float32
+    assert all(p.dtype == torch.float32 for p in modules["keep"][0].model.parameters())
+    # the same learning as plain autocast, up to the embedding table's rounding
+    assert abs(losses["autocast"][0] - losses["keep"][0]) < 0.02 * losses["keep"][0]
+    assert losses["autocast"][-1] < losses["autocast"][0]
+    # a trainable-only checkpoint names the base as built: it loads on a freshly built float32 base
+    path = str(tmp_path / "frozen_bf16.ckpt")
+    trainer.save_checkpoint(path)
+    fresh = make_module(chat, dm, regimes=[Peft("LORA", dict(lora))])
+    metrics = make_trainer(tmp_path, precision="bf16-mixed").validate(fresh, datamodule=dm, ckpt_path=path, verbose=False)[0]
+    again = make_trainer(tmp_path, precision="bf16-mixed").validate(module, datamodule=dm, verbose=False)[0]
+    assert abs(metrics["val/nll"] - again["val/nll"]) < 0.02 * again["val/nll"]
+    # gradual unfreezing would hand AdamW half-precision weights: refused
+    module = make_module(chat, dm, regimes=[Freeze(embeddings=True, layers=1, unfreeze_every_epochs=1)], frozen_dtype="autocast")
+    with pytest.raises(ValueError, match="unfreeze"):
+        make_trainer(tmp_path, max_steps=1, precision="bf16-mixed").fit(module, datamodule=dm)

@@ -180,6 +180,7 @@ class Freeze(Regime):
             raise ValueError(f"Freeze: unfreeze_every_epochs must be >= 1, got {unfreeze_every_epochs}")
         self.embeddings, self.layers, self.unfreeze_every_epochs = embeddings, layers, unfreeze_every_epochs
         self.frozen: list[nn.Module] = []  # blocks still frozen, bottom first (unfreezing pops the top)
+        self.unfreezes_later = unfreeze_every_epochs is not None
 
     def configure_model(self, model: nn.Module, task: Task) -> nn.Module:
         try:
