@@ -41,6 +41,11 @@ class RunSummary(L.Callback):
 
     def setup(self, trainer: "L.Trainer", pl_module, stage: str) -> None:
         self._trainer = trainer
+        record = getattr(trainer.datamodule, "few_shot_record", None) if stage == "fit" else None
+        if record is not None and trainer.is_global_zero:  # which training rows a k-shot run saw
+            os.makedirs(trainer.default_root_dir, exist_ok=True)
+            with open(os.path.join(trainer.default_root_dir, "few_shot.json"), "w") as f:
+                json.dump(record, f, indent=1)
 
     def logged(self) -> dict[str, float]:
         """The run's logged values so far, those of the run it resumed included."""

@@ -66,16 +66,53 @@ def pad_right(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def carve_validation(splits: dict[str, Dataset], hp, on_train: Callable[[Dataset], None], unit: str = "rows") -> None:
-    """Cut train to `max_train_samples`, let `on_train` see it, and hold out `validation_fraction` of it
-    (seeded) as validation when there is no validation split."""
+def few_shot_sample(groups: list[list[str]], k: int, seed: int, unit: str = "rows") -> list[int]:
+    """The positions of a k-shot sample, given each row's labels (`groups[i]`): with one label per row, k rows
+    of every label (seeded); with several (entity types of a sentence), greedy over a seeded order, taking a
+    row while one of its labels has fewer than k rows, so that every label reaches k. An error names a label
+    with fewer than k rows."""
+    rows_of: dict[str, list[int]] = {}
+    for i, labels in enumerate(groups):
+        for label in dict.fromkeys(labels):
+            rows_of.setdefault(label, []).append(i)
+    short = {label: len(rows) for label, rows in rows_of.items() if len(rows) < k}
+    if short:
+        raise DataError(f"data.few_shot: k={k}, but the training split has fewer {unit} than that for "
+                        + ", ".join(f"label '{label}' ({n})" for label, n in sorted(short.items()))
+                        + f"; lower data.few_shot.k to at most {min(short.values())}, or fix the data.")
+    rng = np.random.default_rng(seed)
+    if all(len(labels) == 1 for labels in groups):
+        picked = [int(i) for label in sorted(rows_of) for i in rng.choice(rows_of[label], size=k, replace=False)]
+        return sorted(picked)
+    counts = dict.fromkeys(rows_of, 0)
+    picked = []
+    for i in rng.permutation(len(groups)):
+        labels = set(groups[i])
+        if labels and any(counts[label] < k for label in labels):
+            picked.append(int(i))
+            for label in labels:
+                counts[label] += 1
+    return sorted(picked)
+
+
+def carve_validation(splits: dict[str, Dataset], hp, on_train: Callable[[Dataset], None], unit: str = "rows",
+                     few_shot: Callable[[Dataset], tuple[Dataset, Dataset]] | None = None) -> None:
+    """Cut train to `max_train_samples`, let `on_train` see it, take the k-shot sample (`few_shot` returns it
+    and the rows left out), and hold out `validation_fraction` of the rest (seeded) as validation when there
+    is no validation split."""
     if hp.max_train_samples is not None:
         splits["train"] = splits["train"].select(range(min(hp.max_train_samples, len(splits["train"]))))
     on_train(splits["train"])  # before carving: e.g. the label set is the whole train split's
+    rest = splits["train"]
+    if few_shot is not None:
+        splits["train"], rest = few_shot(splits["train"])
     if "validation" not in splits:
-        carved = splits["train"].train_test_split(test_size=hp.validation_fraction, seed=hp.seed)
-        splits["train"], splits["validation"] = carved["train"], carved["test"]
-        rank_zero_info(f"No validation split: held out {len(carved['test'])} training {unit} (seed {hp.seed}).")
+        carved = rest.train_test_split(test_size=hp.validation_fraction, seed=hp.seed)
+        splits["validation"] = carved["test"]
+        if few_shot is None:
+            splits["train"] = carved["train"]
+        rank_zero_info(f"No validation split: held out {len(carved['test'])} training {unit} (seed {hp.seed})"
+                       f"{' from the rows outside the k-shot sample' if few_shot is not None else ''}.")
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -96,6 +133,10 @@ class TaskDataModule(L.LightningDataModule):
         max_train_samples: use only the first N training rows (benchmarks, quick runs).
         predict_file: inputs for `finetune predict`: .txt (one input per line) or a csv/tsv/jsonl file.
         num_workers: DataLoader worker processes.
+        few_shot: `{k: 10, seed: 0}`: train on a k-shot sample of the training split, k rows per label (per
+            entity type for NER, greedy), seeded (default seed: `seed`, so `finetune fit --seeds` moves the
+            sample too); validation, when carved, comes from the rows outside the sample. The sampled row
+            positions are written to `<run dir>/few_shot.json`.
     """
 
     unit = "rows"  # what a row is called in reports ("sentences", "pairs"...)
@@ -106,8 +147,13 @@ class TaskDataModule(L.LightningDataModule):
                  data_files: dict[str, str] | None = None, batch_size: int = 32, eval_batch_size: int | None = None,
                  group_by_length: bool = True, length_group_batches: int = 64, validation_fraction: float = 0.1,
                  seed: int = 42, max_train_samples: int | None = None, predict_file: str | None = None,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, few_shot: dict[str, int] | None = None) -> None:
         super().__init__()
+        if few_shot is not None:
+            bad = set(few_shot) - {"k", "seed"}
+            k = few_shot.get("k")
+            if bad or not isinstance(k, int) or isinstance(k, bool) or k < 1 or not isinstance(few_shot.get("seed", 0), int):
+                raise DataError(f"data.few_shot must be {{k: <int >= 1>, seed: <int, optional>}}, got {few_shot}.")
         if dataset is None and not data_files and predict_file is None:
             raise DataError("Give data.dataset (a hub name) or data.data_files (local files per split).")
         bad = set(data_files or {}) - set(SPLITS)
@@ -126,6 +172,7 @@ class TaskDataModule(L.LightningDataModule):
         self._reported: set[str] = set()  # splits whose truncation was already reported
         self._train_loader: ResumableDataLoader | None = None
         self._resume_state: dict[str, int] | None = None
+        self.few_shot_record: dict[str, Any] | None = None  # the k-shot sample taken (written to the run dir)
 
     @property
     def tokenizer(self):
@@ -160,6 +207,10 @@ class TaskDataModule(L.LightningDataModule):
 
     def learn_from_train(self, train: Dataset) -> DataInfo | None:
         return None
+
+    def few_shot_groups(self, train: Dataset) -> list[list[str]]:
+        """The labels of each training row that a k-shot sample balances (`data.few_shot`)."""
+        raise DataError(f"data.few_shot: {type(self).__name__} has no labels to sample k rows of each by.")
 
     def info_without_train(self, ds: Dataset) -> DataInfo | None:
         return None
@@ -215,9 +266,25 @@ class TaskDataModule(L.LightningDataModule):
                 raise DataError(f"The {split} split has no {self.unit}.")
             self.check_split(split, splits[split])
         if first and "train" in splits:
-            carve_validation(splits, hp, self._learn, unit=self.unit)
+            carve_validation(splits, hp, self._learn, unit=self.unit, few_shot=self._few_shot if hp.few_shot else None)
         self._raw = splits
         return splits
+
+    def _few_shot(self, train: Dataset) -> tuple[Dataset, Dataset]:
+        """(the k-shot sample, the rest) of the training split; the sample is recorded in `few_shot_record`."""
+        k, seed = self.hparams.few_shot["k"], self.hparams.few_shot.get("seed", self.hparams.seed)
+        groups = self.few_shot_groups(train)
+        picked = few_shot_sample(groups, k, seed, self.unit)
+        chosen = set(picked)
+        per_label: dict[str, list[int]] = {}
+        for i in picked:
+            for label in dict.fromkeys(groups[i]):
+                per_label.setdefault(label, []).append(i)
+        self.few_shot_record = {"k": k, "seed": seed, "rows": len(picked), "of": len(train),
+                                "positions": picked, "per_label": dict(sorted(per_label.items()))}
+        rank_zero_info(f"data.few_shot: {len(picked)} of {len(train)} training {self.unit} (k={k} per label, "
+                       f"{len(per_label)} labels, seed {seed}).")
+        return train.select(picked), train.select([i for i in range(len(train)) if i not in chosen])
 
     def _learn(self, train: Dataset) -> None:
         info = self.learn_from_train(train)

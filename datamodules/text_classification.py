@@ -178,6 +178,12 @@ class TextClassificationDataModule(TaskDataModule):
         self._label_to_id = label_to_id
         return DataInfo(label_names=names, problem_type="single_label_classification")
 
+    def few_shot_groups(self, train: Dataset) -> list[list[str]]:
+        if self._label_to_id is None:
+            raise DataError("data.few_shot samples k rows per label: it has no meaning for regression.")
+        names = self.data_info.label_names
+        return [[names[self._label_to_id[v]]] for v in train[self.hparams.label_column]]
+
     def info_without_train(self, ds: Dataset) -> DataInfo:
         """Evaluating without a train split: the label set must be given (label_names or regression)."""
         hp = self.hparams

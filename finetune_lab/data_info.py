@@ -23,6 +23,10 @@ class DataInfo:
         chat_template: the Jinja chat template conversations were rendered with (causal LMs), when it is
             not the tokenizer's own (named or written inline in the data config); None otherwise.
         system_prompt: the system prompt conversations start with (causal LMs; `finetune chat` uses it).
+        verbalizers: the text that names each label after a prompt, in label order (prompt-based
+            classification), or None.
+        content_free_prompts: token ids of the prompts of content-free inputs ("N/A"...), with the same
+            template and demonstrations, for contextual calibration; None when they do not exist.
     """
 
     label_names: list[str] = field(default_factory=list)
@@ -31,6 +35,8 @@ class DataInfo:
     target_tokenizer: str | None = None
     chat_template: str | None = None
     system_prompt: str | None = None
+    verbalizers: list[str] | None = None
+    content_free_prompts: list[list[int]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, as checkpoints store them (loadable with `torch.load(weights_only=True)`)."""
@@ -47,4 +53,4 @@ class DataInfo:
     def differences(self, other: "DataInfo") -> list[str]:
         """The fields in which `other` describes data a model of this one cannot score."""
         return [f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}" for name in
-                ("label_names", "problem_type", "target_tokenizer") if getattr(self, name) != getattr(other, name)]
+                ("label_names", "problem_type", "target_tokenizer", "verbalizers") if getattr(self, name) != getattr(other, name)]

@@ -235,6 +235,46 @@ def stop_token_ids(tokenizer, chat_template: str | None = None) -> list[int]:
     return ids
 
 
+def load_causal_lm(backbone: Backbone, chat_template: str | None = None) -> tuple[nn.Module, Any]:
+    """(the causal LM of `backbone`, its tokenizer): pretrained weights, or a model built from
+    `backbone.config` whose vocabulary and special ids come from the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tok = backbone.tokenizer()
+    if chat_template:
+        tok.chat_template = chat_template
+    overrides: dict[str, Any] = {}
+    if backbone.config is not None:  # from scratch: sizes and special ids come from the tokenizer
+        overrides = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        overrides = {k: v for k, v in overrides.items() if k not in backbone.config}
+    model = backbone.from_pretrained(AutoModelForCausalLM, **overrides)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > rows:
+        raise BackboneError(f"The tokenizer of '{backbone.name}' has {len(tok)} tokens but the model's embedding only "
+                            f"{rows}; use the tokenizer the model was trained with, or set vocab_size in model.backbone_config.")
+    return model, tok
+
+
+def hidden_before_head(model: nn.Module, inputs: dict[str, Any]) -> tuple[Any, Tensor]:
+    """Run a causal LM up to its head: (the model's output, the final hidden states (B, T', H) the head would
+    see; prompt-learning methods put virtual tokens first). The head itself runs on no position, so no
+    (B, T, vocabulary) logits are ever built."""
+    lm_head = model.get_output_embeddings()
+    captured: list[Tensor] = []
+
+    def keep_hidden(module: nn.Module, args: tuple) -> tuple:
+        captured.append(args[0])
+        return (args[0][:, :0],)  # the head sees no position: the wanted positions go through it later
+
+    handle = lm_head.register_forward_pre_hook(keep_hidden)
+    try:
+        out = model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return out, captured[-1]
+
+
 class CausalLM(Task):
     """Next-token prediction on a decoder-only language model: chat and instruction tuning (loss on the
     assistant's tokens) or continued pretraining (loss on every token), with generation scored for
@@ -312,21 +352,8 @@ class CausalLM(Task):
         self.chat_template, self.system_prompt = info.chat_template, info.system_prompt
 
     def build_model(self, backbone: Backbone, data_info: DataInfo) -> nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        self.tokenizer = tok = backbone.tokenizer()
-        if self.chat_template:
-            tok.chat_template = self.chat_template
-        overrides: dict[str, Any] = {}
-        if backbone.config is not None:  # from scratch: sizes and special ids come from the tokenizer
-            overrides = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-            overrides = {k: v for k, v in overrides.items() if k not in backbone.config}
-        model = backbone.from_pretrained(AutoModelForCausalLM, **overrides)
-        rows = model.get_input_embeddings().weight.shape[0]
-        if len(tok) > rows:
-            raise BackboneError(f"The tokenizer of '{backbone.name}' has {len(tok)} tokens but the model's embedding only "
-                                f"{rows}; use the tokenizer the model was trained with, or set vocab_size in model.backbone_config.")
+        model, tok = load_causal_lm(backbone, self.chat_template)
+        self.tokenizer = tok
         self.stop_ids = stop_token_ids(tok, self.chat_template)
         gen = model.generation_config
         gen.eos_token_id = self.stop_ids or gen.eos_token_id
@@ -361,19 +388,8 @@ class CausalLM(Task):
             inputs.pop("input_ids")
             inputs["inputs_embeds"] = inputs_embeds
         lm_head = model.get_output_embeddings()
-        captured: list[Tensor] = []
-
-        def keep_hidden(module: nn.Module, args: tuple) -> tuple:
-            captured.append(args[0])
-            return (args[0][:, :0],)  # the head sees no position: the gathered positions go through it later
-
-        handle = lm_head.register_forward_pre_hook(keep_hidden)
-        try:
-            out = model(**inputs, **self.output_flags(), use_cache=False)
-        finally:
-            handle.remove()
-        length = batch["input_ids"].shape[1]
-        hidden = captured[-1][:, -length:]  # prompt tuning puts virtual tokens first
+        out, hidden = hidden_before_head(model, {**inputs, **self.output_flags()})
+        hidden = hidden[:, -batch["input_ids"].shape[1]:]  # prompt tuning puts virtual tokens first
         return CausalLMOutput(hidden=hidden, head=self.head_of(model), hidden_states=getattr(out, "hidden_states", None),
                               attentions=getattr(out, "attentions", None), lm_head=lm_head,
                               softcap=getattr(model.config, "final_logit_softcapping", None) or None)
