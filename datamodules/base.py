@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.loading import DataError, check_columns, column_values, load_hub_dataset, load_local_split, read_text_lines
 from datamodules.noise import NOISE_VERSION, example_rng
-from datamodules.sampling import EvalSampler, LengthGroupedSampler, ResumableDataLoader
+from datamodules.sampling import EvalSampler, LengthGroupedSampler, PositivePairSampler, ResumableDataLoader
 from finetune_lab.data_info import DataInfo
 from finetune_lab.hub import load_tokenizer, tokenizer_fingerprint
 
@@ -137,6 +137,8 @@ class TaskDataModule(L.LightningDataModule):
             entity type for NER, greedy), seeded (default seed: `seed`, so `finetune fit --seeds` moves the
             sample too); validation, when carved, comes from the rows outside the sample. The sampled row
             positions are written to `<run dir>/few_shot.json`.
+        positive_pairs: build every training batch from pairs of rows with the same label (instead of length
+            groups), so each row has a positive in its batch: for contrastive regimes (SupCon, SetFit).
     """
 
     unit = "rows"  # what a row is called in reports ("sentences", "pairs"...)
@@ -147,7 +149,7 @@ class TaskDataModule(L.LightningDataModule):
                  data_files: dict[str, str] | None = None, batch_size: int = 32, eval_batch_size: int | None = None,
                  group_by_length: bool = True, length_group_batches: int = 64, validation_fraction: float = 0.1,
                  seed: int = 42, max_train_samples: int | None = None, predict_file: str | None = None,
-                 num_workers: int = 0, few_shot: dict[str, int] | None = None) -> None:
+                 num_workers: int = 0, few_shot: dict[str, int] | None = None, positive_pairs: bool = False) -> None:
         super().__init__()
         if few_shot is not None:
             bad = set(few_shot) - {"k", "seed"}
@@ -208,7 +210,7 @@ class TaskDataModule(L.LightningDataModule):
     def learn_from_train(self, train: Dataset) -> DataInfo | None:
         return None
 
-    def few_shot_groups(self, train: Dataset) -> list[list[str]]:
+    def label_groups(self, train: Dataset) -> list[list[str]]:
         """The labels of each training row that a k-shot sample balances (`data.few_shot`)."""
         raise DataError(f"data.few_shot: {type(self).__name__} has no labels to sample k rows of each by.")
 
@@ -273,7 +275,7 @@ class TaskDataModule(L.LightningDataModule):
     def _few_shot(self, train: Dataset) -> tuple[Dataset, Dataset]:
         """(the k-shot sample, the rest) of the training split; the sample is recorded in `few_shot_record`."""
         k, seed = self.hparams.few_shot["k"], self.hparams.few_shot.get("seed", self.hparams.seed)
-        groups = self.few_shot_groups(train)
+        groups = self.label_groups(train)
         picked = few_shot_sample(groups, k, seed, self.unit)
         chosen = set(picked)
         per_label: dict[str, list[int]] = {}
@@ -382,8 +384,13 @@ class TaskDataModule(L.LightningDataModule):
         hp = self.hparams
         ds = self._encoded["train"]
         world, rank = self._world()
-        sampler = LengthGroupedSampler(column_values(ds, "length"), hp.batch_size, world, rank, seed=hp.seed,
-                                       group_batches=hp.length_group_batches if hp.group_by_length else 1)
+        if hp.positive_pairs:
+            if "labels" not in ds.column_names or not np.isscalar(ds[0]["labels"]):
+                raise DataError(f"data.positive_pairs pairs rows of the same label: {type(self).__name__} rows have no single label.")
+            sampler = PositivePairSampler(column_values(ds, "labels"), hp.batch_size, world, rank, seed=hp.seed)
+        else:
+            sampler = LengthGroupedSampler(column_values(ds, "length"), hp.batch_size, world, rank, seed=hp.seed,
+                                           group_batches=hp.length_group_batches if hp.group_by_length else 1)
         trainer = self.trainer
 
         def progress() -> tuple[int, float]:

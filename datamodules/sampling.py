@@ -112,3 +112,45 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.resume(state["epoch"], state["batches_done"], state.get("epoch_finished", False))
+
+
+class PositivePairSampler(LengthGroupedSampler):
+    """Training order whose batches are made of pairs of rows with the same label, so every row of a batch
+    has a positive (contrastive losses). Each epoch (seeded by `seed + epoch`) the rows of each label are
+    shuffled and paired (a label with an odd count repeats one of its rows; a label with one row pairs it
+    with itself), the pairs are shuffled and cut into global batches of `batch_size * num_replicas` rows,
+    and rank r takes the pairs r, r + R, ... of every global batch. `batch_size` must be even."""
+
+    def __init__(self, labels: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 42) -> None:
+        if batch_size % 2:
+            raise ValueError(f"data.positive_pairs builds batches of pairs: data.batch_size must be even, got {batch_size}.")
+        super().__init__([0] * len(labels), batch_size, num_replicas=num_replicas, rank=rank, seed=seed)
+        self.labels = [int(v) for v in labels]
+        counts: dict[int, int] = {}
+        for v in self.labels:
+            counts[v] = counts.get(v, 0) + 1
+        pairs = sum(math.ceil(c / 2) for c in counts.values())
+        self.num_pairs = math.ceil(pairs / num_replicas) * num_replicas  # padded by repeating pairs
+        self.num_samples = 2 * self.num_pairs // num_replicas
+        self.total_size = self.num_samples * num_replicas
+
+    def _global_order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        rows: dict[int, list[int]] = {}
+        for i, v in enumerate(self.labels):
+            rows.setdefault(v, []).append(i)
+        pairs = []
+        for v in sorted(rows):
+            idx = [rows[v][j] for j in torch.randperm(len(rows[v]), generator=g).tolist()]
+            if len(idx) % 2:
+                idx.append(idx[0] if len(idx) == 1 else idx[int(torch.randint(len(idx) - 1, (1,), generator=g))])
+            pairs += [idx[j:j + 2] for j in range(0, len(idx), 2)]
+        pairs = [pairs[j] for j in torch.randperm(len(pairs), generator=g).tolist()]
+        pairs += pairs[: self.num_pairs - len(pairs)]
+        world = self.num_replicas
+        per_batch = self.batch_size // 2 * world
+        out = []
+        for start in range(0, len(pairs), per_batch):
+            for pair in pairs[start:start + per_batch][self.rank::world]:
+                out += pair
+        return out

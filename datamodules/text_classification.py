@@ -178,7 +178,7 @@ class TextClassificationDataModule(TaskDataModule):
         self._label_to_id = label_to_id
         return DataInfo(label_names=names, problem_type="single_label_classification")
 
-    def few_shot_groups(self, train: Dataset) -> list[list[str]]:
+    def label_groups(self, train: Dataset) -> list[list[str]]:
         if self._label_to_id is None:
             raise DataError("data.few_shot samples k rows per label: it has no meaning for regression.")
         names = self.data_info.label_names

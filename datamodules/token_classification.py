@@ -188,7 +188,7 @@ class TokenClassificationDataModule(TaskDataModule):
         self._tag_to_id = {t: i for i, t in enumerate(names)}
         return DataInfo(label_names=names, scheme=hp.scheme)
 
-    def few_shot_groups(self, train: Dataset) -> list[list[str]]:
+    def label_groups(self, train: Dataset) -> list[list[str]]:
         """The entity types of each sentence (tags B-PER, I-PER, S-PER... -> PER)."""
         return [sorted({tag.split("-", 1)[1] for tag in tags if tag != "O" and "-" in tag}) for tags in train["tags"]]
 

@@ -30,6 +30,7 @@ Optional members (a default here; override when the task differs):
     per_type_names() -> list[str]                     types scored one by one (`<stage>/f1_<type>`)
     metric_signatures(metrics) -> dict[str, str]      reproducibility strings of the metrics (sacrebleu)
     eval_samples() -> list[dict] | None               the latest validation's example outputs (generation)
+    sentence_embedding(outputs, batch) -> (B, H)      a pooled embedding per example (contrastive regimes)
     tag() -> str                                      the task's name in run tags
 Attributes: `peft_task_type` ("SEQ_CLS", ...), `new_head` (the head is new and trains in full), `monitor`
 and `monitor_mode` (the metric checkpoints rank by).

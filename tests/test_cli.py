@@ -98,7 +98,7 @@ def test_regimes_compose_in_list_order_first_is_outermost(tiny_backbone, toy_dat
 # ---------------------------------------------------------------- every experiment YAML parses
 OVERRIDES = {"sst2_local.yaml": "sst2.yaml", "defaults.yaml": "quickstart.yaml", "conll2003_local.yaml": "conll2003.yaml",
              "robustness.yaml": "quickstart.yaml", "multi30k_local.yaml": "multi30k.yaml",
-             "sgd_assistant_full.yaml": "sgd_assistant.yaml"}  # partial files and their base
+             "sgd_assistant_full.yaml": "sgd_assistant.yaml", "banking77_10shot.yaml": "banking77.yaml"}  # partial files and their base
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "experiments", "**", "*.yaml"), recursive=True)),

@@ -1,7 +1,7 @@
 """Sequence classification: single sentences or GLUE-style pairs, any number of labels, or regression."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,12 @@ from lightning_modules.task import Batch, Task
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+def mean_pool(states: Tensor, attention_mask: Tensor) -> Tensor:
+    """The mean of token states (B, T, H) over the real tokens: sentence-transformers' mean pooling."""
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
 class SequenceClassification(Task):
     """Predict one label (or one real value) per text or text pair.
 
@@ -25,12 +31,19 @@ class SequenceClassification(Task):
     Args:
         monitor: metric that checkpoints and `val/<monitor>_best` track; default `accuracy`
             (classification) or `pearson` (regression). Any logged name without the `val/` prefix.
+        pooling: what the classifier reads: `cls`, the model's own pooled first token (BERT's pooler), or
+            `mean`, the mean of the last layer's token states over the real tokens, as sentence-transformers
+            pool (for sentence encoders such as `minilm`; needs a BERT-style head, a Linear `classifier`).
+            `sentence_embedding` (what contrastive regimes pool) follows it.
     """
 
     peft_task_type = "SEQ_CLS"
 
-    def __init__(self, monitor: str | None = None) -> None:
+    def __init__(self, monitor: str | None = None, pooling: Literal["cls", "mean"] = "cls") -> None:
         super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"task.pooling must be cls or mean, got {pooling!r}.")
+        self.pooling = pooling
         self._monitor = monitor
         self.label_names: list[str] = []
         self.regression = False
@@ -61,7 +74,40 @@ class SequenceClassification(Task):
                 label2id={name: i for i, name in enumerate(self.label_names)},
                 problem_type="single_label_classification",
             )
-        return backbone.from_pretrained(AutoModelForSequenceClassification, **kwargs)
+        model = backbone.from_pretrained(AutoModelForSequenceClassification, **kwargs)
+        if self.pooling == "mean":
+            if not isinstance(getattr(model, "classifier", None), nn.Linear) or not hasattr(model, "dropout"):
+                raise ValueError(f"task.pooling: mean feeds the mean-pooled states to a Linear `classifier` (BERT-style "
+                                 f"heads); {type(model).__name__} has another head: use pooling: cls.")
+            pooler = getattr(model.base_model, "pooler", None)
+            for p in pooler.parameters() if pooler is not None else []:
+                p.requires_grad_(False)  # the CLS pooler is not read: frozen, so no unused trainable weights
+        return model
+
+    def forward(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> Any:
+        if self.pooling == "cls":
+            return super().forward(model, batch, inputs_embeds)
+        inputs = self.model_inputs(batch)
+        if inputs_embeds is not None:
+            inputs.pop("input_ids", None)
+            inputs["inputs_embeds"] = inputs_embeds
+        flags = {**self.output_flags(), "output_hidden_states": True}
+        out = model(**inputs, **flags)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        pooled = mean_pool(out.hidden_states[-1], batch["attention_mask"])
+        out.logits = base.classifier(base.dropout(pooled))
+        return out
+
+    def sentence_embedding(self, outputs: Any, batch: Batch) -> Tensor:
+        """The pooled sentence embedding of each example (B, H) from the last layer: the mean over real
+        tokens (`pooling: mean`) or the first token's state (`cls`). Needs `hidden_states` in the outputs
+        (`request_outputs("hidden_states")`)."""
+        states = getattr(outputs, "hidden_states", None)
+        if states is None:
+            raise ValueError("sentence_embedding needs the hidden states: request_outputs('hidden_states') first.")
+        if self.pooling == "mean":
+            return mean_pool(states[-1], batch["attention_mask"])
+        return states[-1][:, 0]
 
     def model_inputs(self, batch: Batch) -> dict[str, Tensor]:
         return {k: batch[k] for k in _INPUT_KEYS if k in batch}
