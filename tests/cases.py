@@ -17,10 +17,11 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
-from datamodules import ChatDataModule, Seq2SeqDataModule, TextClassificationDataModule, TokenClassificationDataModule
+from datamodules import (ChatDataModule, PromptClassificationDataModule, Seq2SeqDataModule, TextClassificationDataModule,
+                         TokenClassificationDataModule)
 from lightning_modules import Regime, TaskModule
-from lightning_modules.regimes import FGM, PGD, BitFit, Distillation, Freeze, FreeLB, Peft
-from lightning_modules.tasks import CausalLM, Seq2Seq, SequenceClassification, TokenClassification
+from lightning_modules.regimes import FGM, PGD, BitFit, Distillation, Freeze, FreeLB, Peft, SetFit, SupCon
+from lightning_modules.tasks import CausalLM, PromptClassification, Seq2Seq, SequenceClassification, TokenClassification
 from tests.helpers import tiny_llama_config, tiny_marian_config, write_chat_data, write_translation_data, write_two_task_data
 
 
@@ -72,6 +73,11 @@ TASKS: dict[str, TaskCase] = {
                         r"\.encoder\.layers\.{i}\."),
     "causal": TaskCase("causal", lambda: CausalLM(num_generations=2, max_new_tokens=8),
                        lambda d, backbone, **kw: ChatDataModule(tokenizer=backbone, data_files=d.chat["files"], max_length=96, **kw),
+                       lambda d: (d.chat["tokenizer"], tiny_llama_config(attention_bias=True, mlp_bias=True)), LLAMA_MODULES, None, r"\.layers\.{i}\."),
+    # prompt-based classification: the toy sentiment texts in a template, " negative" / " positive" scored by a tiny LM
+    "prompt": TaskCase("prompt", PromptClassification,
+                       lambda d, backbone, **kw: PromptClassificationDataModule(tokenizer=backbone, data_files=d.cls_files,
+                                                                                template="Review: {text}\nSentiment:", **kw),
                        lambda d: (d.chat["tokenizer"], tiny_llama_config(attention_bias=True, mlp_bias=True)), LLAMA_MODULES, None, r"\.layers\.{i}\."),
 }
 
@@ -216,4 +222,16 @@ REGIMES: dict[str, RegimeCase] = {
                                _all(_distilled, _only_adapter_and_head(r"lora_")), needs_teacher=True),
 }
 
-INCOMPATIBLE: dict[tuple[str, str], str] = {}
+def _contrastive(run: Run) -> None:
+    assert torch.isfinite(torch.tensor(run.logged("train/supcon")))
+
+
+REGIMES["supcon"] = RegimeCase(lambda c, t: [SupCon(temperature=0.1, weight=0.5)], _contrastive)
+# one epoch = the contrastive stage: the body moves, the head (frozen until the second stage) does not
+REGIMES["setfit"] = RegimeCase(lambda c, t: [SetFit(body_epochs=1)],
+                               _all(_contrastive, lambda run: not any(run.is_head(n) for n in run.moved)))
+
+INCOMPATIBLE: dict[tuple[str, str], str] = {
+    (task, regime): f"{regime} contrasts one pooled sentence embedding per example, which {task} does not have"
+    for task in ("token", "seq2seq", "causal", "prompt") for regime in ("supcon", "setfit")
+}

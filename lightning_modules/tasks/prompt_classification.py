@@ -50,6 +50,8 @@ class PromptClassification(SequenceClassification):
 
     peft_task_type = "CAUSAL_LM"
     new_head = False  # the LM head scores the verbalizers; it is pretrained and stays frozen under peft
+    exposes_hidden_states = False  # one forward holds the prompt and every label's continuation: no per-input states
+    sentence_embedding = None  # nor one pooled embedding per example (contrastive regimes refuse it)
 
     def __init__(self, score: Literal["sum", "mean"] = "sum", calibrate: bool = False,
                  scoring: Literal["shared", "separate"] = "shared", monitor: str | None = None) -> None:

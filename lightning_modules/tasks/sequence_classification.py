@@ -98,6 +98,21 @@ class SequenceClassification(Task):
         out.logits = base.classifier(base.dropout(pooled))
         return out
 
+    def save_pretrained_extras(self, folder: str) -> None:
+        if self.pooling != "mean":
+            return
+        import json
+        import os
+
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        with open(os.path.join(folder, "finetune_pooling.json"), "w") as f:
+            json.dump({"pooling": "mean", "note": "the classifier reads the mean of the last layer's token states over "
+                       "the real tokens; AutoModelForSequenceClassification's own forward reads the CLS pooler instead"}, f, indent=2)
+        rank_zero_warn(f"{folder}: the classifier of this export reads mean-pooled states (task.pooling: mean), but "
+                       "transformers' forward of the folder reads the CLS pooler, so a pipeline on it predicts other labels: "
+                       "use finetune predict with the checkpoint, or mean-pool the encoder's states and apply `classifier`.")
+
     def sentence_embedding(self, outputs: Any, batch: Batch) -> Tensor:
         """The pooled sentence embedding of each example (B, H) from the last layer: the mean over real
         tokens (`pooling: mean`) or the first token's state (`cls`). Needs `hidden_states` in the outputs
