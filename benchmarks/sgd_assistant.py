@@ -123,7 +123,8 @@ def child_ours(args) -> dict:
 
     meter = Meter()
     precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
-    trainer = L.Trainer(accelerator=accelerator(), devices=1, precision=precision, max_steps=args.steps, limit_val_batches=0,
+    trainer = L.Trainer(accelerator=accelerator(), devices=1, precision=precision, limit_val_batches=0,
+                        **({"max_epochs": args.epochs} if args.epochs else {"max_steps": args.steps}),
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[meter])
     trainer.fit(module, datamodule=dm)
@@ -242,8 +243,9 @@ def run_child(kind: str, precision: str, args, gradient_checkpointing: bool = Fa
     tag += "_thp" if huge_pages and kind == "trl" else ""
     out = os.path.join(args.work, f"{kind}{tag}_{precision}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--precision", precision, "--result", out]
-    for key in ("steps", "batch_size", "max_length", "lr", "n_train", "n_test", "n_eval_val", "threads", "work"):
-        cmd += [f"--{key}", str(getattr(args, key))]
+    for key in ("epochs", "steps", "batch_size", "max_length", "lr", "n_train", "n_test", "n_eval_val", "threads", "work"):
+        if getattr(args, key) is not None:
+            cmd += [f"--{key}", str(getattr(args, key))]
     if not args.packing:
         cmd.append("--no_packing")
     cmd += ["--gradient_checkpointing", "on" if gradient_checkpointing else "off", "--trl_huge_pages", "on" if huge_pages else "off"]
@@ -297,6 +299,8 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--result")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps of each training run")
+    p.add_argument("--epochs", type=int, default=None, help="finetune-lab trains this many epochs instead of --steps "
+                   "(TRL, when it runs, still trains --steps steps)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--max_length", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -349,7 +353,7 @@ def main() -> None:
         if "trl" not in skip:
             results += [run_child("trl", precision, args, huge_pages=hp) for hp in args.huge_pages_runs]
     report = {"device": accelerator(), "torch_threads": args.threads, "settings": {k: getattr(args, k) for k in
-              ("steps", "batch_size", "max_length", "lr", "n_train", "n_test", "n_eval_val", "packing", "checkpointing",
+              ("epochs", "steps", "batch_size", "max_length", "lr", "n_train", "n_test", "n_eval_val", "packing", "checkpointing",
                "trl_gradient_checkpointing", "huge_pages_runs", "frozen_half_runs")},
               "lora": LORA, "results": results, "wall_seconds": time.time() - t0}
     print("\n| system | precision | steps | supervised tokens | train s | tokens/s | peak RSS MB |")
