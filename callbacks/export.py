@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+HALF = (torch.bfloat16, torch.float16)
 LABEL_FILE = "labels.json"  # an adapter export's head: the label keyword arguments of `from_pretrained`
 
 
@@ -106,6 +107,10 @@ class HFExport(L.Callback):
         os.makedirs(tmp)
         try:
             tokenizer = pl_module.backbone.tokenizer()
+            if state_dict is None and any(p.dtype in HALF for p in model.parameters()) and not hasattr(model, "peft_config"):
+                state_dict = model.state_dict()  # frozen weights stored in half precision (frozen_dtype): written in float32
+            if state_dict is not None:
+                state_dict = {k: v.float() if v.dtype in HALF else v for k, v in state_dict.items()}
             model.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             pl_module.task.save_pretrained_extras(tmp)
@@ -149,6 +154,9 @@ class HFExport(L.Callback):
         import copy
 
         merged = copy.deepcopy(model)
+        for p in merged.parameters():  # a base stored in half precision (frozen_dtype): merge in float32, so the
+            if p.dtype in HALF:        # update is added to the base the model trained with, not rounded away
+                p.data = p.data.float()
         if state_dict is not None:
             merged.load_state_dict(state_dict, strict=False)  # adapter-only: the frozen base is already there
         try:

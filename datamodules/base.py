@@ -107,6 +107,10 @@ def carve_validation(splits: dict[str, Dataset], hp, on_train: Callable[[Dataset
     if few_shot is not None:
         splits["train"], rest = few_shot(splits["train"])
     if "validation" not in splits:
+        if len(rest) < 2:
+            raise DataError(f"No validation split, and the {len(rest)} training {unit} "
+                            f"{'outside the k-shot sample ' if few_shot is not None else ''}are too few to hold some out "
+                            "(data.validation_fraction): give data.data_files.validation.")
         carved = rest.train_test_split(test_size=hp.validation_fraction, seed=hp.seed)
         splits["validation"] = carved["test"]
         if few_shot is None:

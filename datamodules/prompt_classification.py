@@ -38,11 +38,16 @@ class Demonstrations:
         chosen: list[int] = []
         for j in range(k):
             label = int(order[j % len(order)])
-            free = [i for i in self.rows_of[label] if i not in chosen and i != exclude]
-            if not free:
+            rows = self.rows_of[label]
+            taken = {i for i in chosen if self.labels[i] == label} | ({exclude} if exclude is not None else set())
+            if len(rows) - len(taken & set(rows)) < 1:
                 raise DataError(f"data.demonstrations={k}: the training split has too few rows of label "
                                 f"{self.verbalizers[label]!r} to draw them from; use fewer demonstrations.")
-            chosen.append(int(free[rng.integers(len(free))]))
+            while True:  # rejection: a few draws, not a pass over the label's rows
+                i = int(rows[rng.integers(len(rows))])
+                if i not in taken:
+                    break
+            chosen.append(i)
         return [chosen[i] for i in rng.permutation(len(chosen))]
 
     def prefix(self, rows: list[int]) -> str:
@@ -74,12 +79,16 @@ def encode_prompts(batch: dict[str, list], indices: list[int], tokenizer, text_c
     ids = tokenizer([p + fill(template, t, q) for p, t, q in zip(prefixes, texts, pairs)], verbose=False)["input_ids"]
     num_tokens = [len(x) for x in ids]
     for i, n in enumerate(num_tokens):
-        cut = texts[i]
-        while len(ids[i]) > max_length and cut:
-            cut = cut[: max(0, int(len(cut) * max_length / len(ids[i])) - 1)]
-            ids[i] = tokenizer(prefixes[i] + fill(template, cut, pairs[i]))["input_ids"]
+        cut, pair = texts[i], pairs[i]
+        while len(ids[i]) > max_length and (cut or pair):
+            keep = max_length / len(ids[i])
+            if pair is not None and len(pair) > len(cut):  # shorten the longer input of a pair
+                pair = pair[: max(0, int(len(pair) * keep) - 1)]
+            else:
+                cut = cut[: max(0, int(len(cut) * keep) - 1)]
+            ids[i] = tokenizer(prefixes[i] + fill(template, cut, pair))["input_ids"]
         if len(ids[i]) > max_length:
-            raise DataError(f"{split} example {indices[i]}: the prompt without its text is {len(ids[i])} tokens, over "
+            raise DataError(f"{split} example {indices[i]}: the prompt without its input is {len(ids[i])} tokens, over "
                             f"data.max_length={max_length}; raise data.max_length or use fewer data.demonstrations.")
     out: dict[str, Any] = {"input_ids": ids, "length": [len(x) for x in ids], "num_tokens": num_tokens, "index": indices}
     if label_column is not None:

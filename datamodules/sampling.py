@@ -146,7 +146,8 @@ class PositivePairSampler(LengthGroupedSampler):
                 idx.append(idx[0] if len(idx) == 1 else idx[int(torch.randint(len(idx) - 1, (1,), generator=g))])
             pairs += [idx[j:j + 2] for j in range(0, len(idx), 2)]
         pairs = [pairs[j] for j in torch.randperm(len(pairs), generator=g).tolist()]
-        pairs += pairs[: self.num_pairs - len(pairs)]
+        while len(pairs) < self.num_pairs:  # pad (cyclically) so every rank gets as many pairs
+            pairs += pairs[: self.num_pairs - len(pairs)]
         world = self.num_replicas
         per_batch = self.batch_size // 2 * world
         out = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import types
 from typing import Any, Literal, Mapping
 
 import lightning as L
@@ -111,6 +112,12 @@ def _output_to_float32(module: nn.Module, args: Any, output: Tensor) -> Tensor:
     return output.float() if output.is_floating_point() and output.dtype != torch.float64 else output
 
 
+def _scaled_embedding_in_float32(self: nn.Embedding, input_ids: Tensor) -> Tensor:
+    """A scaled embedding (Gemma's) whose table is stored in half precision: looked up, then scaled in float32
+    (the model's own forward would round the scale, sqrt(640) = 25.30, to 25.25 in bf16)."""
+    return nn.Embedding.forward(self, input_ids).float() * self.embed_scale.float()
+
+
 class TaskModule(L.LightningModule):
     """Fine-tune a backbone on a Task under a list of Regimes.
 
@@ -132,9 +139,11 @@ class TaskModule(L.LightningModule):
         frozen_dtype: `autocast`: under a mixed-precision trainer (`bf16-mixed`, `16-mixed`), store the frozen
             weights of Linear and Embedding layers (a LoRA run's whole base) in the autocast dtype: half their
             memory, and no per-step casts, since autocast ran their matmuls in that dtype anyway. Embedding
-            outputs are cast back to float32, so the residual stream stays float32 as under plain autocast
-            (the one numerical change is the embedding table's rounding); norms and everything trainable stay
-            float32. `keep` (default): frozen weights stay as loaded. No effect at full precision.
+            outputs are cast back to float32 (a scaled embedding, Gemma's, is scaled in float32), so the residual
+            stream stays float32 as under plain autocast: the one numerical change is the embedding table's
+            rounding. Norms and everything trainable stay float32; exports are written in float32 (a merged
+            LoRA export adds the update to the float32 copy of the base it trained with). `keep` (default):
+            frozen weights stay as loaded. No effect at full precision.
     """
 
     def __init__(
@@ -233,7 +242,10 @@ class TaskModule(L.LightningModule):
                     cast += p.numel()
                     changed = True
             if changed and isinstance(module, nn.Embedding):
-                module.register_forward_hook(_output_to_float32)
+                if hasattr(module, "embed_scale"):  # Gemma scales in the weight's dtype: scale in float32 instead
+                    module.forward = types.MethodType(_scaled_embedding_in_float32, module)
+                else:
+                    module.register_forward_hook(_output_to_float32)
         # Weights loaded from safetensors are views of one memory-mapped file, whose pages stay resident while
         # any view lives: give the tensors not cast (norms, trainable weights) their own memory, so the mapping
         # (the whole float32 model) is released.

@@ -547,6 +547,28 @@ def test_frozen_dtype_autocast_stores_the_frozen_base_in_bf16_and_a_checkpoint_l
     metrics = make_trainer(tmp_path, precision="bf16-mixed").validate(fresh, datamodule=dm, ckpt_path=path, verbose=False)[0]
     again = make_trainer(tmp_path, precision="bf16-mixed").validate(module, datamodule=dm, verbose=False)[0]
     assert abs(metrics["val/nll"] - again["val/nll"]) < 0.02 * again["val/nll"]
+    # the merged export adds the LoRA update in float32 to the base the model trained with
+    from callbacks.export import HFExport
+
+    folder = str(tmp_path / "merged")
+    HFExport.export_merged(model, None, dm.tokenizer, folder)
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(folder)
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    q = base.model.layers[0].self_attn.q_proj
+    delta = (q.lora_B["default"].weight @ q.lora_A["default"].weight) * q.scaling["default"]
+    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, q.base_layer.weight.float() + delta)
+    # Gemma's scaled embedding: the stored table is rounded, the sqrt(width) scale is applied in float32
+    gemma = dict(model_type="gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=64, query_pre_attn_scalar=8,
+                 layer_types=["sliding_attention", "full_attention"])
+    module = make_module(chat, dm, config=gemma, regimes=[Peft("LORA", dict(lora))], frozen_dtype="autocast")
+    make_trainer(tmp_path, max_steps=1, precision="bf16-mixed", limit_val_batches=0, num_sanity_val_steps=0).fit(module, datamodule=dm)
+    embed = module.model.get_base_model().get_input_embeddings()
+    ids = torch.tensor([[3, 5, 7]])
+    assert embed.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(embed(ids), embed.weight[ids].float() * embed.embed_scale.float(), atol=0, rtol=0)
     # gradual unfreezing would hand AdamW half-precision weights: refused
     module = make_module(chat, dm, regimes=[Freeze(embeddings=True, layers=1, unfreeze_every_epochs=1)], frozen_dtype="autocast")
     with pytest.raises(ValueError, match="unfreeze"):

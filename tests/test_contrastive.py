@@ -62,6 +62,8 @@ def test_positive_pair_batches_give_every_row_a_positive_seeded_and_split_across
     assert len(ranks[0]) == len(ranks[1]) and all(labels[a[i]] == labels[a[i + 1]] for a in ranks for i in range(0, len(a), 2))
     with pytest.raises(ValueError, match="must be even"):
         PositivePairSampler(labels, batch_size=5)
+    few = [list(PositivePairSampler([0, 0], batch_size=2, num_replicas=4, rank=r)) for r in range(4)]
+    assert all(len(x) == 2 for x in few)  # one pair, four ranks: repeated until each rank has one
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +140,10 @@ def test_setfit_trains_the_body_contrastively_then_only_the_head(sentiment, tmp_
     assert second and all(n.startswith("classifier") for n in second)  # stage 2: the head only
     groups = module.trainer.optimizers[0].param_groups
     assert any(g["lr"] <= 1e-2 and any(p is model.classifier.weight for p in g["params"]) for g in groups)
+    from lightning_modules.regimes import Peft
+
+    with pytest.raises(ValueError, match="does not combine with a peft regime"):
+        make(sentiment, SequenceClassification(pooling="mean"), [Peft("LORA", {"r": 2, "target_modules": ["query"]}), SetFit()])
 
 
 def test_zero_shot_by_label_description_similarity(sentiment, tmp_path):

@@ -55,7 +55,8 @@ class SupCon(Regime):
     Args:
         temperature: of the similarities (Khosla et al.: 0.07; Gunel et al.: 0.3 with cross-entropy).
         weight: of the contrastive term.
-        cross_entropy: keep the task's loss (the classifier head trains with it).
+        cross_entropy: keep the task's loss (the classifier head trains with it); false trains the body on the
+            contrastive loss alone and freezes the head (SetFit is that, then the head).
     """
 
     name = "supcon"
@@ -67,6 +68,11 @@ class SupCon(Regime):
 
     def configure_model(self, model: nn.Module, task: Task) -> nn.Module:
         _require_embeddings(task, "SupCon")
+        if not self.cross_entropy:  # nothing would train the head: frozen, not a trainable weight without gradients
+            heads = set(head_module_names(model))
+            for name, p in model.named_parameters():
+                if name.split(".", 1)[0] in heads:
+                    p.requires_grad_(False)
         return model
 
     def wrap_loss(self, loss_fn: LossFn, module: "TaskModule") -> LossFn:
@@ -98,16 +104,18 @@ class SetFit(Regime):
             raise ValueError("SetFit: body_epochs must be >= 1, temperature and head_lr > 0.")
         self.body_epochs, self.temperature, self.head_lr = body_epochs, temperature, head_lr
         self.head: list[nn.Parameter] = []
-        self.body: list[nn.Parameter] = []
         self.stage = "body"
 
     def configure_model(self, model: nn.Module, task: Task) -> nn.Module:
         _require_embeddings(task, "SetFit")
+        if hasattr(model, "peft_config"):
+            raise ValueError("SetFit trains the whole body, then the head: it does not combine with a peft regime.")
         heads = set(head_module_names(model))
-        if not heads:
-            raise ValueError("SetFit: the model has no head module (e.g. `classifier`) to train in the second stage.")
+        base = getattr(model, "base_model_prefix", None)
+        if not heads or not any(name == base for name, _ in model.named_children()):
+            raise ValueError(f"SetFit needs a body and a separate head module (e.g. `classifier`); {type(model).__name__} "
+                             "has no such split (use SequenceClassification).")
         self.head = [p for name, p in model.named_parameters() if name.split(".", 1)[0] in heads]
-        self.body = [p for name, p in model.named_parameters() if name.split(".", 1)[0] not in heads and p.requires_grad]
         for p in self.head:
             p.requires_grad_(False)  # stage 1; the head joins the optimizer through parameter_groups
         self.stage = "body"
@@ -119,13 +127,19 @@ class SetFit(Regime):
             group["lr"] = self.head_lr
         return [group]
 
+    def on_fit_start(self, module: "TaskModule") -> None:
+        if hasattr(module.model, "peft_config"):
+            raise ValueError("SetFit trains the whole body, then the head: it does not combine with a peft regime.")
+        if module.trainer.world_size > 1:
+            raise ValueError("SetFit switches which weights train between its stages, which DDP cannot follow: run it "
+                             "on one device (few-shot data is small).")
+
     def on_train_epoch_start(self, module: "TaskModule") -> None:
         if module.current_epoch >= self.body_epochs and self.stage == "body":
             self.stage = "head"
-            for p in self.body:
-                p.requires_grad_(False)
-            for p in self.head:
-                p.requires_grad_(True)
+            head = {id(p) for p in self.head}
+            for p in module.model.parameters():  # everything else, whichever regime made it trainable
+                p.requires_grad_(id(p) in head)
 
     def wrap_loss(self, loss_fn: LossFn, module: "TaskModule") -> LossFn:
         def loss(batch: Batch, inputs_embeds: Tensor | None = None) -> StepOutput:

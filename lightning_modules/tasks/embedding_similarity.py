@@ -49,7 +49,7 @@ class EmbeddingSimilarity(SequenceClassification):
         self.label_descriptions, self.temperature = dict(label_descriptions or {}), temperature
         self.descriptions: list[str] = []
         self.tokenizer = None
-        self._label_embeddings: Tensor | None = None  # cached in evaluation (no gradients)
+        self._label_embeddings: dict[int, Tensor] = {}  # per model (a teacher has its own), without gradients
 
     def configure(self, data_info: DataInfo) -> None:
         super().configure(data_info)
@@ -68,10 +68,13 @@ class EmbeddingSimilarity(SequenceClassification):
         from transformers import AutoModel
 
         self.tokenizer = backbone.tokenizer()
-        return backbone.from_pretrained(AutoModel)
+        model = backbone.from_pretrained(AutoModel)
+        for p in (model.pooler.parameters() if getattr(model, "pooler", None) is not None else []):
+            p.requires_grad_(False)  # BERT's CLS pooler is not read
+        return model
 
     def on_eval_epoch_start(self, stage: str) -> None:
-        self._label_embeddings = None  # the encoder may have trained since
+        self._label_embeddings = {}  # the encoder may have trained since
 
     def encode(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, Any]:
         out = model(**inputs, **{**self.output_flags(), "output_hidden_states": True})
@@ -81,13 +84,16 @@ class EmbeddingSimilarity(SequenceClassification):
 
     def label_embeddings(self, model: nn.Module, device: torch.device) -> Tensor:
         """(L, H): the label descriptions' embeddings (recomputed with gradients in training)."""
-        if self._label_embeddings is not None and not torch.is_grad_enabled():
-            return self._label_embeddings
+        frozen = not torch.is_grad_enabled() or not any(p.requires_grad for p in model.parameters())
+        if frozen and id(model) in self._label_embeddings:
+            return self._label_embeddings[id(model)]
         enc = self.tokenizer(self.descriptions, padding=True, truncation=True, return_tensors="pt")
         inputs = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         embeddings, _ = self.encode(model, inputs)
-        if not torch.is_grad_enabled():
-            self._label_embeddings = embeddings
+        if frozen:
+            self._label_embeddings[id(model)] = embeddings.detach()
+        else:
+            self._label_embeddings.pop(id(model), None)  # it trains: a cached copy would go stale
         return embeddings
 
     def forward(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> SimilarityOutput:

@@ -79,9 +79,13 @@ class SequenceClassification(Task):
             if not isinstance(getattr(model, "classifier", None), nn.Linear) or not hasattr(model, "dropout"):
                 raise ValueError(f"task.pooling: mean feeds the mean-pooled states to a Linear `classifier` (BERT-style "
                                  f"heads); {type(model).__name__} has another head: use pooling: cls.")
-            pooler = getattr(model.base_model, "pooler", None)
-            for p in pooler.parameters() if pooler is not None else []:
-                p.requires_grad_(False)  # the CLS pooler is not read: frozen, so no unused trainable weights
+            from lightning_modules.parameters import head_module_names
+
+            unread = [getattr(model.base_model, "pooler", None)]  # the CLS pooler (and e.g. DistilBERT's pre_classifier)
+            unread += [getattr(model, name) for name in head_module_names(model) if name != "classifier"]
+            for part in filter(None, unread):
+                for p in part.parameters():
+                    p.requires_grad_(False)  # not read: frozen, so no trainable weight goes without gradients (DDP)
         return model
 
     def forward(self, model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> Any:
