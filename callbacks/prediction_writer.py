@@ -10,7 +10,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
-    """Collects the records the task decodes and writes them sorted by input index.
+    """Collects the records the task decodes and writes them sorted by input index. A task with a
+    `prediction_files(records, folder, suffix)` member also writes its own formats next to them (extractive
+    QA: SQuAD's `predictions.json`, which the official evaluation scripts read).
 
     Args:
         path: output file; default `<run dir>/predictions.jsonl`. Under DDP each process writes
@@ -34,3 +36,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         self.written = path
         rank_zero_info(f"Wrote {len(records)} predictions to {path}")
+        extra = getattr(pl_module.task, "prediction_files", None)
+        if extra is not None:
+            suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+            self.extra_written = extra(records, os.path.dirname(os.path.abspath(path)), suffix)
+            rank_zero_info(f"Wrote {', '.join(self.extra_written)}")

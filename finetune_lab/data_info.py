@@ -27,6 +27,11 @@ class DataInfo:
             classification), or None.
         content_free_prompts: token ids of the prompts of content-free inputs ("N/A"...), with the same
             template and demonstrations, for contextual calibration; None when they do not exist.
+        max_length: the longest encoded input in tokens, for tasks whose scored rows span the input positions
+            (extractive QA: start/end distributions over a window, padded to this width so rows of every batch
+            stack); None otherwise.
+        version_2_with_negative: some questions have no answer in their context (SQuAD 2.0): extractive QA
+            may predict "no answer" and scores answerable and unanswerable questions apart.
     """
 
     label_names: list[str] = field(default_factory=list)
@@ -37,6 +42,8 @@ class DataInfo:
     system_prompt: str | None = None
     verbalizers: list[str] | None = None
     content_free_prompts: list[list[int]] | None = None
+    max_length: int | None = None
+    version_2_with_negative: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, as checkpoints store them (loadable with `torch.load(weights_only=True)`)."""

@@ -17,12 +17,14 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
-from datamodules import (ChatDataModule, PromptClassificationDataModule, Seq2SeqDataModule, TextClassificationDataModule,
-                         TokenClassificationDataModule)
+from datamodules import (ChatDataModule, PromptClassificationDataModule, QuestionAnsweringDataModule, Seq2SeqDataModule,
+                         TextClassificationDataModule, TokenClassificationDataModule)
 from lightning_modules import Regime, TaskModule
 from lightning_modules.regimes import FGM, PGD, BitFit, Distillation, Freeze, FreeLB, Peft, SetFit, SupCon
-from lightning_modules.tasks import CausalLM, PromptClassification, Seq2Seq, SequenceClassification, TokenClassification
-from tests.helpers import tiny_llama_config, tiny_marian_config, write_chat_data, write_translation_data, write_two_task_data
+from lightning_modules.tasks import (CausalLM, ExtractiveQA, PromptClassification, Seq2Seq, SequenceClassification,
+                                    TokenClassification)
+from tests.helpers import (tiny_llama_config, tiny_marian_config, write_chat_data, write_qa_data, write_translation_data,
+                           write_two_task_data)
 
 
 @dataclass
@@ -35,13 +37,14 @@ class TaskData:
     ner_files: dict[str, str]
     translation: dict[str, Any]  # {"files": ..., "tokenizer": folder}
     chat: dict[str, Any]  # {"files": ..., "tokenizer": folder}: toy shop dialogues, ChatML
+    qa_files: dict[str, str]  # toy extractive QA: train as SQuAD JSON, validation as flattened jsonl
 
     @classmethod
     def write(cls, folder: str) -> "TaskData":
         backbone, cls_files, ner_files = write_two_task_data(os.path.join(folder, "bert"), hidden_dropout_prob=0.0,
                                                              attention_probs_dropout_prob=0.0)
         return cls(backbone, cls_files, ner_files, write_translation_data(os.path.join(folder, "mt")),
-                   write_chat_data(os.path.join(folder, "chat")))
+                   write_chat_data(os.path.join(folder, "chat")), write_qa_data(os.path.join(folder, "qa")))
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,11 @@ TASKS: dict[str, TaskCase] = {
                        lambda d, backbone, **kw: PromptClassificationDataModule(tokenizer=backbone, data_files=d.cls_files,
                                                                                 template="Review: {text}\nSentiment:", **kw),
                        lambda d: (d.chat["tokenizer"], tiny_llama_config(attention_bias=True, mlp_bias=True)), LLAMA_MODULES, None, r"\.layers\.{i}\."),
+    # extractive QA on the tiny BERT: windows of 48 tokens with a stride of 16, so some contexts span two
+    "qa": TaskCase("qa", ExtractiveQA,
+                   lambda d, backbone, **kw: QuestionAnsweringDataModule(tokenizer=backbone, data_files=d.qa_files, max_length=48,
+                                                                         doc_stride=16, max_question_length=8, **kw),
+                   lambda d: (d.backbone, None), BERT_MODULES, "qa_outputs", r"\.encoder\.layer\.{i}\."),
 }
 
 
@@ -233,5 +241,5 @@ REGIMES["setfit"] = RegimeCase(lambda c, t: [SetFit(body_epochs=1)],
 
 INCOMPATIBLE: dict[tuple[str, str], str] = {
     (task, regime): f"{regime} contrasts one pooled sentence embedding per example, which {task} does not have"
-    for task in ("token", "seq2seq", "causal", "prompt") for regime in ("supcon", "setfit")
+    for task in ("token", "seq2seq", "causal", "prompt", "qa") for regime in ("supcon", "setfit")
 }

@@ -160,6 +160,64 @@ def write_two_task_data(folder: str, **model_overrides) -> tuple[str, dict, dict
     return backbone, cls_files, ner_files
 
 
+# ---------------------------------------------------------------- extractive QA
+# Two kinds of question, told apart by a word the tiny tokenizer knows ("acting" / "plot"); the other question
+# words are [UNK]. The answer is the person (one or two words) or the place of the context.
+QA_QUESTIONS = {"person": "Who was acting in the film?", "place": "Where was the plot of the film?"}
+
+
+def toy_qa_rows(n: int, seed: int, unanswerable: float = 0.0, min_words: int = 4, max_words: int = 24) -> list[dict]:
+    """Learnable toy extractive QA in the flattened SQuAD format ({id, title, context, question, answers}):
+    filler and sentiment words with a capitalised person and place among them. With `unanswerable` > 0 that
+    share of the questions asks for an entity the context lacks (SQuAD 2.0: empty answers)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(FILLER + POSITIVE + NEGATIVE) for _ in range(rng.randint(min_words, max_words))]
+        kind = rng.choice(sorted(QA_QUESTIONS))
+        answerable = rng.random() >= unanswerable
+        person = [rng.choice(PERSONS)] + ([rng.choice(SURNAMES)] if rng.random() < 0.5 else [])
+        entities = {"person": " ".join(w.capitalize() for w in person), "place": rng.choice(PLACES).capitalize()}
+        if not answerable:
+            del entities[kind]
+        for name in sorted(entities):
+            words.insert(rng.randint(0, len(words)), f"<{name}>")
+        context, answer_start = "", None
+        for w in words:
+            piece = entities[w[1:-1]] if w.startswith("<") else w
+            if w == f"<{kind}>":
+                answer_start = len(context) + (1 if context else 0)
+            context = f"{context} {piece}" if context else piece
+        context += "."
+        answers = {"text": [entities[kind]], "answer_start": [answer_start]} if answerable else {"text": [], "answer_start": []}
+        rows.append({"id": f"q{seed}-{i}", "title": f"toy {i % 4}", "context": context, "question": QA_QUESTIONS[kind],
+                     "answers": answers})
+    return rows
+
+
+def write_squad_json(path: str, rows: list[dict], version: str = "1.1") -> str:
+    """Flattened QA rows as SQuAD's JSON (articles by title, one paragraph per row)."""
+    articles: dict[str, list] = {}
+    for r in rows:
+        qa = {"id": r["id"], "question": r["question"],
+              "answers": [{"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])]}
+        if version != "1.1":
+            qa["is_impossible"] = not r["answers"]["text"]
+        articles.setdefault(r.get("title", ""), []).append({"context": r["context"], "qas": [qa]})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"version": version, "data": [{"title": t, "paragraphs": p} for t, p in articles.items()]}, f,
+                  ensure_ascii=False)
+    return path
+
+
+def write_qa_data(folder: str, n_train: int = 64, n_val: int = 15) -> dict[str, str]:
+    """Toy QA splits: train as SQuAD JSON, validation as flattened jsonl (an odd count, for DDP); contexts
+    of up to 40 words, so some span two windows of a short max_length."""
+    return {"train": write_squad_json(os.path.join(folder, "train.json"), toy_qa_rows(n_train, 0, max_words=40)),
+            "validation": write_jsonl(os.path.join(folder, "validation.jsonl"), toy_qa_rows(n_val, 1, max_words=40))}
+
+
 # A toy "language pair": every source word has one target word; the target keeps the word order.
 SRC_WORDS = ["the", "cat", "dog", "sees", "a", "red", "big", "house", "runs", "small", "bird", "eats"]
 TGT_WORDS = ["der", "katze", "hund", "sieht", "ein", "rot", "gross", "haus", "rennt", "klein", "vogel", "isst"]
