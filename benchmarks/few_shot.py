@@ -184,7 +184,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0-4")
     p.add_argument("--full_seeds", default="0-4", help="seeds of the full-data row (its runs are the longest)")
     p.add_argument("--k10_epochs", type=int, default=5)
-    p.add_argument("--setfit_epochs", type=int, default=6, help="4 body epochs (regimes/setfit.yaml), then the head")
+    p.add_argument("--setfit_epochs", type=int, default=12, help="4 body epochs (regimes/setfit.yaml), then 8 of the head")
     p.add_argument("--full_epochs", type=int, default=1)
     p.add_argument("--sst2_epochs", type=int, default=20)
     p.add_argument("--gemma_per_intent", type=int, default=10)

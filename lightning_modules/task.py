@@ -32,6 +32,9 @@ Optional members (a default here; override when the task differs):
     eval_samples() -> list[dict] | None               the latest validation's example outputs (generation)
     sentence_embedding(outputs, batch) -> (B, H)      a pooled embedding per example (contrastive regimes)
     tag() -> str                                      the task's name in run tags
+    prediction_files(records, folder, suffix) -> list[str]
+                                                      formats `finetune predict` writes besides its JSON lines
+                                                      (extractive QA: SQuAD's predictions.json)
 Attributes: `peft_task_type` ("SEQ_CLS", ...), `new_head` (the head is new and trains in full), `monitor`
 and `monitor_mode` (the metric checkpoints rank by).
 
@@ -39,10 +42,12 @@ What a regime may ask of a task: everything above, plus `request_outputs(*names)
 return more (e.g. "hidden_states", "attentions"). A regime that needs an optional member the task lacks
 fails at build time with the task named (e.g. PGD's robustness attack needs `per_example_loss`).
 
-How the tasks to come fit the optional members (signatures checked against the current ones):
-- extractive QA (two heads): `scored_logits` -> rows `stack([start_logits, end_logits], 1).flatten(0, 1)`
-  (2B, T) with non-context positions at -inf, counts `2` per example; `per_example_loss` -> mean of the
-  start and end cross-entropies per example (B,); `loss_weight` -> B.
+How tasks beyond one logit row per example fit the optional members:
+- extractive QA (`tasks.ExtractiveQA`, two heads): `scored_logits` -> rows `stack([start_logits, end_logits], 1)
+  .flatten(0, 1)` (2W, max_length) for W windows, positions outside the context and [CLS] at a finite -1e4 (not
+  -inf, whose KL is 0 x nan), padded to the data's `max_length` so cached teacher rows stack; counts `2` per
+  window; `per_example_loss` -> mean of the start and end cross-entropies per window (W,); `loss_weight` ->
+  the labelled windows.
 - causal LM (`tasks.CausalLM`, vocabulary logits at supervised positions): `scored_logits` -> rows = the
   LM head applied to the hidden states of the supervised positions (N, V), counts = supervised tokens per
   example (B,); `per_example_loss` -> mean cross-entropy over each example's supervised tokens (B,);
