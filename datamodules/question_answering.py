@@ -44,20 +44,33 @@ from finetune_lab.data_info import DataInfo
 _REPORT_IDS = 5  # question ids named in a report
 
 
+_PARSED: dict[tuple, Any] = {}  # (path, size, mtime) -> the JSON that is_squad_json parsed, for read_squad_json
+
+
+def _identity(path: str) -> tuple:
+    stat = os.stat(path)
+    return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+
+
 def is_squad_json(path: str) -> bool:
-    """Whether a file is SQuAD's JSON format: one object with a `data` list of articles with `paragraphs`."""
+    """Whether a file is SQuAD's JSON format: one object with a `data` list of articles with `paragraphs`.
+    The parsed object is kept for the `read_squad_json` that follows, so a file is parsed once."""
     if file_format(path) != ".json" or path.lower().endswith(".gz") or not os.path.isfile(path):
         return False  # the general reader says what is wrong with a missing file
     try:
         with open(path, encoding="utf-8") as f:
-            if not f.read(4096).lstrip().startswith("{"):
-                return False
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+            head = f.read(65536)
+            if not head.lstrip().startswith("{") or '"paragraphs"' not in head:
+                return False  # JSON lines or a list of records: no need to parse the whole file
+            obj = json.loads(head + f.read())
     except (json.JSONDecodeError, UnicodeDecodeError):  # JSON lines in a .json file, or not UTF-8: the general
         return False                                    # reader takes it, or names the line that is wrong
-    return isinstance(obj, dict) and isinstance(obj.get("data"), list) and \
-        all(isinstance(a, dict) and "paragraphs" in a for a in obj["data"][:5])
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list) and \
+            all(isinstance(a, dict) and "paragraphs" in a for a in obj["data"][:5]):
+        _PARSED.clear()
+        _PARSED[_identity(path)] = obj
+        return True
+    return False
 
 
 def read_squad_json(path: str, option: str = "data_files") -> dict[str, list]:
@@ -65,12 +78,14 @@ def read_squad_json(path: str, option: str = "data_files") -> dict[str, list]:
     question has no `answers` field), where. Structural problems are DataErrors naming the place."""
     if not os.path.isfile(path):
         raise DataFileNotFoundError(f"{option}: file '{path}' does not exist (cwd: {os.getcwd()}).")
-    check_utf8(path)
-    with open(path, encoding="utf-8") as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON at column {e.colno} ({e.msg}).") from None
+    obj = _PARSED.pop(_identity(path), None)
+    if obj is None:
+        check_utf8(path)
+        with open(path, encoding="utf-8") as f:
+            try:
+                obj = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: not valid JSON at column {e.colno} ({e.msg}).") from None
     cols: dict[str, list] = {k: [] for k in ("id", "title", "context", "question", "answers", "where")}
     for a, article in enumerate(obj.get("data") or []):
         title = article.get("title") or ""
@@ -464,21 +479,26 @@ class QuestionAnsweringDataModule(TaskDataModule):
     def predict_columns(self) -> dict[str, str | None]:
         return {"question_column": self.hparams.question_column, "context_column": self.hparams.context_column}
 
+    def _load_predict(self) -> Dataset:
+        path = self.hparams.predict_file
+        if is_squad_json(path):  # read here: the general loader would parse the whole file as one row first
+            cols = read_squad_json(path, "data.predict_file")
+            return self._check_predict(Dataset.from_dict({k: cols[k] for k in ("id", "context", "question", "where")}))
+        return super()._load_predict()
+
     def predict_dataset(self, ds: Dataset) -> Dataset:
         hp = self.hparams
-        path = hp.predict_file
-        if is_squad_json(path):
-            cols = read_squad_json(path, "data.predict_file")
-            ds = Dataset.from_dict({k: cols[k] for k in ("id", "context", "question", "where")})
-        else:
-            check_columns(ds, "predict", self.predict_columns())
-            ids = [str(v) for v in ds[hp.id_column]] if hp.id_column in ds.column_names else [str(i) for i in range(len(ds))]
-            ds = Dataset.from_dict({"id": ids, "context": ds[hp.context_column], "question": ds[hp.question_column],
-                                    "where": [f"{path} row {i}" for i in range(len(ds))]})
-        for row in ds:
-            if not isinstance(row["context"], str) or not row["context"].strip():
-                raise DataError(f"{row['where']}: the context is empty; every question needs the text to find its "
-                                "answer in.")
-            if not isinstance(row["question"], str) or not row["question"].strip():
-                raise DataError(f"{row['where']}: the question is empty.")
+        check_columns(ds, "predict", self.predict_columns())
+        ids = [str(v) for v in ds[hp.id_column]] if hp.id_column in ds.column_names else [str(i) for i in range(len(ds))]
+        return self._check_predict(Dataset.from_dict({
+            "id": ids, "context": ds[hp.context_column], "question": ds[hp.question_column],
+            "where": [f"{hp.predict_file} row {i}" for i in range(len(ds))]}))
+
+    @staticmethod
+    def _check_predict(ds: Dataset) -> Dataset:
+        for context, question, where in zip(ds["context"], ds["question"], ds["where"]):
+            if not isinstance(context, str) or not context.strip():
+                raise DataError(f"{where}: the context is empty; every question needs the text to find its answer in.")
+            if not isinstance(question, str) or not question.strip():
+                raise DataError(f"{where}: the question is empty.")
         return ds

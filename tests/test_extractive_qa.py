@@ -434,6 +434,25 @@ def test_answers_not_at_their_offset_are_reported_and_left_out_of_training(task_
     assert len(dm.encoded("validation")) == 3  # still scored, by its text
 
 
+def test_a_squad_json_file_is_parsed_once_per_use(task_data, hand_files, monkeypatch):
+    import types
+
+    import datamodules.question_answering as qa
+
+    parses = []
+    counting = types.SimpleNamespace(JSONDecodeError=json.JSONDecodeError,
+                                     loads=lambda text: parses.append("loads") or json.loads(text),
+                                     load=lambda f: parses.append("load") or json.load(f))
+    monkeypatch.setattr(qa, "json", counting)
+    path = hand_files["validation"]
+    dm = _dm(task_data.backbone, {"validation": path}, predict_file=path)
+    dm.setup("validate")
+    assert parses == ["loads"]  # the format check's parse is the one the reader uses
+    dm.setup("predict")
+    assert parses == ["loads", "loads"] and len(dm._encoded["predict"]) >= len(HAND)
+    assert qa._PARSED == {}  # nothing kept once read
+
+
 def test_a_slow_tokenizer_is_refused(task_data, tmp_path):
     from transformers import BertTokenizerLegacy
 
