@@ -380,9 +380,9 @@ class TaskModule(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ValueError("No trainable parameters: every parameter is frozen by the regimes.")
-        # Lightning's mixed-precision plugin refuses gradient clipping with fused optimizers (it assumes
-        # they unscale gradients themselves), so the fused kernel is used with full precision only.
-        fused = self.hparams.fused and "mixed" not in str(self.trainer.precision)
+        # The fused kernel at full precision and under bf16 autocast (no loss scaler: see
+        # configure_gradient_clipping); not under fp16's GradScaler, which unscales through the optimizer.
+        fused = self.hparams.fused and ("mixed" not in str(self.trainer.precision) or self._bf16_autocast())
         optimizer = torch.optim.AdamW(
             groups, lr=self.hparams.lr, betas=tuple(self.hparams.adam_betas), eps=self.hparams.adam_eps,
             fused=fused or None,
@@ -397,6 +397,25 @@ class TaskModule(L.LightningModule):
             optimizer, num_warmup_steps=warmup_steps, num_training_steps=total,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _bf16_autocast(self) -> bool:
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        plugin = self.trainer.precision_plugin
+        return type(plugin) is MixedPrecision and plugin.scaler is None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's mixed-precision plugin refuses to clip for a fused optimizer, assuming that it unscales
+        fp16 gradients itself. Under bf16 autocast there is no scaler and nothing to unscale: clip as at full
+        precision (the plain precision plugin's clipping), so bf16 runs keep the fused AdamW kernel."""
+        if gradient_clip_val and self._bf16_autocast() and getattr(optimizer, "_step_supports_amp_scaling", False):
+            from lightning.pytorch.plugins.precision import Precision
+            from lightning.pytorch.utilities import GradClipAlgorithmType
+
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_fit_start(self) -> None:
         if self._load_report and not self._restored:

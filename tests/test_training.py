@@ -112,6 +112,27 @@ def test_bf16_mixed_on_cpu_trains(tiny_backbone, toy_data, tmp_path):
     assert float(trainer.callback_metrics["val/accuracy"]) > 0.7
 
 
+def test_bf16_autocast_keeps_the_fused_adamw_and_still_clips_gradients(tiny_backbone, toy_data, tmp_path):
+    import lightning as L
+
+    seen = []
+
+    class GradNorms(L.Callback):  # the gradients the optimizer stepped with: after Lightning's clipping
+        def on_train_start(self, trainer, pl_module):
+            seen.append(trainer.optimizers[0].defaults["fused"])
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            grads = [p.grad for g in trainer.optimizers[0].param_groups for p in g["params"] if p.grad is not None]
+            seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    dm = make_dm(tiny_backbone, toy_data)
+    trainer = make_trainer(tmp_path, max_steps=3, precision="bf16-mixed", gradient_clip_val=1e-3, num_sanity_val_steps=0,
+                           limit_val_batches=0, callbacks=[GradNorms()])
+    trainer.fit(make_module(tiny_backbone), datamodule=dm)
+    assert seen[0] is True and len(seen) == 4
+    assert all(n <= 1e-3 * (1 + 1e-4) for n in seen[1:])  # clipped to the trainer's gradient_clip_val
+
+
 def test_checkpoint_ranking_survives_a_resume_into_a_new_directory(tmp_path):
     from callbacks import TaskCheckpoint
 
